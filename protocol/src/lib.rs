@@ -1,0 +1,38 @@
+//! The only vocabulary the coordinator and the node agent share.
+//!
+//! # Layout
+//! - [`key`]: typed WireGuard public keys that print short and parse strictly.
+//! - [`token`]: the join token, one opaque string with everything a node needs to enrol.
+//! - [`api`]: request and response bodies of the node-facing HTTP API and the error body of every route.
+//! - [`netmap`]: a node's view of the network and the deltas that keep it current.
+//!
+//! Invariants: this crate does no IO and pulls in no runtime, database or web framework (the optional
+//! `openapi` feature only adds schema derives). Fields document what *absent* means. A change that
+//! breaks old nodes bumps [`PROTOCOL_VERSION`].
+
+pub mod api;
+pub mod key;
+pub mod netmap;
+pub mod token;
+
+pub use key::{KeyError, PublicKey};
+pub use netmap::{MapMessage, MapNode, NetworkMap, NodeId};
+pub use token::{CertFingerprint, JoinToken, TokenError};
+
+/// Version of the node <-> coordinator protocol. History:
+/// - 1 (2026-11): join, SSE network map with versioned deltas, endpoint reports.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// HTTP paths of the node-facing API, so both sides name them once.
+pub mod paths {
+    /// `POST`: enrol with a join token ([`crate::api::JoinRequest`] -> [`crate::api::JoinResponse`]).
+    pub const JOIN: &str = "/api/v1/join";
+    /// `GET`: the node's network map as Server-Sent Events; `?since=V` or `Last-Event-ID: V` resumes.
+    pub const MAP: &str = "/api/v1/map";
+    /// `PUT`: the node reports the UDP endpoints it can be reached at ([`crate::api::EndpointReport`]).
+    pub const ENDPOINTS: &str = "/api/v1/node/endpoints";
+    /// `DELETE`: the node leaves the network; its credential stops working.
+    pub const NODE_SELF: &str = "/api/v1/node";
+    /// Name of the SSE event that carries a [`crate::MapMessage`].
+    pub const MAP_EVENT: &str = "map";
+}
