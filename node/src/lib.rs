@@ -1,3 +1,37 @@
-//! The meshd node agent (placeholder crate doc; the control helper writes the Layout section).
+//! The meshd node agent: joins a meshd network, brings up a userspace WireGuard interface and keeps it in step with
+//! the coordinator's network map, even while the coordinator is away.
+//!
+//! # Layout
+//! - [`config`]: the command line (clap flags + `MESHD_*` variables); no IO.
+//! - [`cli`]: runs each subcommand and prints for people (tables) or scripts (`--json`, exit codes).
+//! - [`state`]: the state directory and the names of its files (identity, credential, key, cache, socket, lock).
+//! - [`keys`]: the X25519 key pair; the private key stays in a 0600 file and never leaves the machine.
+//! - [`cache`]: the last applied network map on disk, so `meshd up` works with the coordinator down.
+//! - [`tls`]: certificate pinning by SHA-256 (the fingerprint in the join token) with rustls + ring.
+//! - [`control`]: HTTP client of the coordinator (join, map stream, endpoints, leave) and reconnect backoff;
+//!   knows nothing of WireGuard.
+//! - [`reconcile`]: pure: network map -> desired peer list for the engine.
+//! - [`daemon`]: the agent's state machine (joining -> running <-> degraded -> stopped), the control loop behind
+//!   the small [`daemon::DataPlane`] trait, endpoint reports, signals and shutdown.
+//! - [`endpoints`]: which local addresses to report as UDP endpoints.
+//! - [`ctl`]: the local control socket (server in the agent, client in the CLI) for status, ping and down.
+//! - [`ping`]: ICMP echo over the overlay from the agent.
+//! - [`engine`]: the data plane (TUN, UDP, boringtun); configured only through `Engine::reconfigure`.
+//!
+//! Invariants: the private key is never sent or logged; `control` knows nothing of WireGuard and `engine` nothing of
+//! HTTP; `reconcile` does no IO; every path derives from `--state-dir`, so agents in different network namespaces
+//! on one machine never collide; the mesh keeps forwarding from the cached map while the coordinator is away.
 
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod ctl;
+pub mod daemon;
+pub mod endpoints;
 pub mod engine;
+pub mod keys;
+pub mod ping;
+pub mod reconcile;
+pub mod state;
+pub mod tls;

@@ -1,1 +1,31 @@
-fn main() {}
+//! `meshd`: parse the command line, set up logging to stderr (RUST_LOG), run the subcommand, map errors to an exit
+//! status. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use meshd_node::cli;
+use meshd_node::config::Cli;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("meshd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("meshd: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}

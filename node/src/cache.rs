@@ -1,0 +1,127 @@
+//! The last applied network map on disk, so that `meshd up` brings the mesh back while the coordinator is down.
+//!
+//! Owns reading and writing `<state-dir>/map.json` (temporary file + rename: a crash leaves the old map or the new
+//! one, never half of one). A damaged cache is not fatal: the agent logs it and waits for a full map instead.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use meshd_protocol::NetworkMap;
+
+use crate::state::write_file_atomic;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot read the cached map {path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("the cached map {path} is damaged ({reason}); it will be replaced by the coordinator's next full map")]
+    Damaged { path: String, reason: String },
+    #[error("cannot write the cached map {path}: {source}")]
+    Write { path: String, source: io::Error },
+}
+
+/// The on-disk cache of one agent.
+#[derive(Debug, Clone)]
+pub struct MapCache {
+    path: PathBuf,
+}
+
+impl MapCache {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The cached map, or `None` if there is none yet.
+    pub fn load(&self) -> Result<Option<NetworkMap>, CacheError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(CacheError::Read {
+                    path: self.display(),
+                    source,
+                });
+            }
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| CacheError::Damaged {
+                path: self.display(),
+                reason: e.to_string(),
+            })
+    }
+
+    pub fn store(&self, map: &NetworkMap) -> Result<(), CacheError> {
+        let json = serde_json::to_vec(map).expect("a network map always serializes");
+        write_file_atomic(&self.path, &json, 0o600).map_err(|source| CacheError::Write {
+            path: self.display(),
+            source,
+        })
+    }
+
+    /// Deletes the cache (the node was removed, or leaves). A missing file is fine.
+    pub fn remove(&self) -> Result<(), CacheError> {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(CacheError::Write {
+                path: self.display(),
+                source,
+            }),
+        }
+    }
+
+    fn display(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshd_protocol::{MapNode, PublicKey};
+    use std::net::Ipv4Addr;
+
+    pub(crate) fn sample_map() -> NetworkMap {
+        let node = |id: i64| MapNode {
+            id,
+            name: format!("n{id}"),
+            ip: Ipv4Addr::new(10, 77, 0, id as u8),
+            public_key: PublicKey::from_bytes([id as u8; 32]),
+            endpoints: vec![],
+            online: true,
+            last_seen: None,
+            tags: vec![],
+        };
+        NetworkMap {
+            version: 4,
+            network: "10.77.0.0/16".parse().expect("cidr"),
+            self_node: node(1),
+            peers: vec![node(2)],
+        }
+    }
+
+    #[test]
+    fn stores_loads_and_removes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cache = MapCache::new(tmp.path().join("map.json"));
+        assert_eq!(cache.load().expect("empty"), None);
+        cache.store(&sample_map()).expect("store");
+        assert_eq!(cache.load().expect("load"), Some(sample_map()));
+        cache.remove().expect("remove");
+        cache.remove().expect("twice");
+        assert_eq!(cache.load().expect("gone"), None);
+    }
+
+    #[test]
+    fn damaged_cache_is_an_error_not_a_panic() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cache = MapCache::new(tmp.path().join("map.json"));
+        std::fs::write(cache.path(), "{ nope").expect("write");
+        assert!(matches!(cache.load(), Err(CacheError::Damaged { .. })));
+    }
+}

@@ -1,0 +1,395 @@
+//! The HTTP client of the coordinator's node-facing API. Knows nothing of WireGuard.
+//!
+//! Owns: joining with a token, following the network map (Server-Sent Events, resumed with `?since=V`), reporting
+//! endpoints, leaving, TLS pinning (through [`crate::tls`]) and the reconnect [`Backoff`]. Turns every failure into a
+//! [`ControlError`] a person can act on: which URL was unreachable, why a token was rejected, which certificate was
+//! met instead of the pinned one, or that this node's credential no longer works (the admin deleted it).
+
+use std::error::Error as _;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures::{Stream, StreamExt};
+use meshd_protocol::api::{EndpointReport, ErrorBody, JoinRequest, JoinResponse, error_codes};
+use meshd_protocol::{CertFingerprint, JoinToken, MapMessage, paths};
+use rand::Rng;
+use reqwest::{RequestBuilder, Response, StatusCode};
+
+use crate::tls::{self, PinnedCertVerifier, TlsError};
+
+/// Time allowed to open a TCP connection to the coordinator.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for a whole request/response call (everything except the map stream).
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// A map stream that brings nothing (not even a keep-alive comment) for this long is considered dead and reopened.
+/// The coordinator sends keep-alives well within it; a silently vanished coordinator is noticed in this time.
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Why a call to the coordinator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the coordinator at {url}: {detail} (check that it runs and that this machine can reach it)")]
+    Unreachable { url: String, detail: String },
+    #[error(
+        "the coordinator at {url} presented a certificate with SHA-256 {got}, but the join token pins {expected}: this is not the coordinator your admin set up (or its certificate changed); ask for a new token"
+    )]
+    FingerprintMismatch { url: String, expected: String, got: String },
+    #[error("the coordinator rejected the join token: {reason} ({code}: {message}); ask your admin for a new token")]
+    TokenRejected {
+        code: String,
+        reason: &'static str,
+        message: String,
+    },
+    #[error("the coordinator no longer accepts this node's credential ({message})")]
+    Unauthorized { message: String },
+    #[error("the coordinator answered {status} ({code}: {message})")]
+    Http { status: u16, code: String, message: String },
+    #[error("unexpected answer from the coordinator: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl ControlError {
+    /// True when retrying later may help (the coordinator is away or hiccuped); false when a person must act.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } | Self::Protocol(_) => true,
+            Self::Http { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            Self::FingerprintMismatch { .. }
+            | Self::TokenRejected { .. }
+            | Self::Unauthorized { .. }
+            | Self::Tls(_) => false,
+        }
+    }
+}
+
+/// A client bound to one coordinator.
+#[derive(Debug, Clone)]
+pub struct ControlClient {
+    base_url: String,
+    http: reqwest::Client,
+    pin: Option<Arc<PinnedCertVerifier>>,
+}
+
+impl ControlClient {
+    /// A client for `base_url` (`https://...` or `http://...`), pinning `fingerprint` when given.
+    pub fn new(base_url: &str, fingerprint: Option<CertFingerprint>) -> Result<Self, ControlError> {
+        let base_url = base_url.trim_end_matches('/').to_string();
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(STREAM_IDLE_TIMEOUT)
+            .user_agent(concat!("meshd/", env!("CARGO_PKG_VERSION")));
+        let mut pin = None;
+        if base_url.starts_with("https://") {
+            let config = match fingerprint {
+                Some(fingerprint) => {
+                    let verifier = Arc::new(PinnedCertVerifier::new(fingerprint));
+                    pin = Some(verifier.clone());
+                    tls::pinned_config(verifier)?
+                }
+                None => tls::system_roots_config()?,
+            };
+            builder = builder.use_preconfigured_tls(config);
+        } else if fingerprint.is_some() {
+            tracing::warn!(url = %base_url, "the token pins a certificate but the coordinator URL is plain http");
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ControlError::Protocol(format!("building the HTTP client: {e}")))?;
+        Ok(Self { base_url, http, pin })
+    }
+
+    /// A client for the coordinator named in a join token.
+    pub fn for_token(token: &JoinToken) -> Result<Self, ControlError> {
+        Self::new(&token.coordinator_url, token.fingerprint)
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `POST /api/v1/join`.
+    pub async fn join(&self, request: &JoinRequest) -> Result<JoinResponse, ControlError> {
+        let call = self
+            .http
+            .post(self.url(paths::JOIN))
+            .timeout(CALL_TIMEOUT)
+            .json(request);
+        let response = self.send(call).await?;
+        if !response.status().is_success() {
+            return Err(token_error(error_from(response).await));
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| ControlError::Protocol(format!("join response: {e}")))
+    }
+
+    /// `PUT /api/v1/node/endpoints`.
+    pub async fn report_endpoints(&self, credential: &str, report: &EndpointReport) -> Result<(), ControlError> {
+        let call = self
+            .http
+            .put(self.url(paths::ENDPOINTS))
+            .timeout(CALL_TIMEOUT)
+            .bearer_auth(credential)
+            .json(report);
+        self.expect_success(call).await
+    }
+
+    /// `DELETE /api/v1/node`: this node leaves; its credential stops working.
+    pub async fn leave(&self, credential: &str) -> Result<(), ControlError> {
+        let call = self
+            .http
+            .delete(self.url(paths::NODE_SELF))
+            .timeout(CALL_TIMEOUT)
+            .bearer_auth(credential);
+        self.expect_success(call).await
+    }
+
+    /// Opens the map stream, resuming after version `since` (None: start with a full map).
+    pub async fn open_map(&self, credential: &str, since: Option<u64>) -> Result<MapStream, ControlError> {
+        let mut call = self
+            .http
+            .get(self.url(paths::MAP))
+            .bearer_auth(credential)
+            .header("accept", "text/event-stream");
+        if let Some(version) = since {
+            call = call.query(&[("since", version)]);
+        }
+        let response = self.send(call).await?;
+        if !response.status().is_success() {
+            return Err(error_from(response).await);
+        }
+        let url = self.base_url.clone();
+        let events = response.bytes_stream().eventsource();
+        Ok(MapStream {
+            url,
+            events: Box::pin(events),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    async fn expect_success(&self, call: RequestBuilder) -> Result<(), ControlError> {
+        let response = self.send(call).await?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(error_from(response).await)
+        }
+    }
+
+    async fn send(&self, call: RequestBuilder) -> Result<Response, ControlError> {
+        call.send().await.map_err(|e| self.transport_error(&e))
+    }
+
+    fn transport_error(&self, error: &reqwest::Error) -> ControlError {
+        if let Some(pin) = &self.pin
+            && let Some(got) = pin.last_mismatch()
+        {
+            return ControlError::FingerprintMismatch {
+                url: self.base_url.clone(),
+                expected: pin.pinned().to_hex(),
+                got: got.to_hex(),
+            };
+        }
+        ControlError::Unreachable {
+            url: self.base_url.clone(),
+            detail: error_chain(error),
+        }
+    }
+}
+
+type EventStream = Pin<
+    Box<
+        dyn Stream<Item = Result<eventsource_stream::Event, eventsource_stream::EventStreamError<reqwest::Error>>>
+            + Send,
+    >,
+>;
+
+/// An open map stream.
+pub struct MapStream {
+    url: String,
+    events: EventStream,
+}
+
+impl MapStream {
+    /// The next map message; `None` when the coordinator closed the stream. Events of other names are skipped
+    /// (the coordinator may add some later).
+    pub async fn next(&mut self) -> Option<Result<MapMessage, ControlError>> {
+        loop {
+            let event = match self.events.next().await? {
+                Ok(event) => event,
+                Err(e) => {
+                    let detail = match &e {
+                        eventsource_stream::EventStreamError::Transport(t) => error_chain(t),
+                        other => other.to_string(),
+                    };
+                    return Some(Err(ControlError::Unreachable {
+                        url: self.url.clone(),
+                        detail,
+                    }));
+                }
+            };
+            if event.event != paths::MAP_EVENT {
+                tracing::debug!(event = %event.event, "skipping unknown map stream event");
+                continue;
+            }
+            return Some(
+                serde_json::from_str(&event.data)
+                    .map_err(|e| ControlError::Protocol(format!("map message (event id {:?}): {e}", event.id))),
+            );
+        }
+    }
+}
+
+/// Reads an error response into a [`ControlError`], using the coordinator's [`ErrorBody`] when there is one.
+async fn error_from(response: Response) -> ControlError {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => (body.error.code, body.error.message),
+        Err(_) => (String::from("unknown"), text.chars().take(200).collect()),
+    };
+    if status == StatusCode::UNAUTHORIZED {
+        return ControlError::Unauthorized { message };
+    }
+    ControlError::Http {
+        status: status.as_u16(),
+        code,
+        message,
+    }
+}
+
+/// At join, a refusal about the token is explained as such.
+fn token_error(error: ControlError) -> ControlError {
+    let ControlError::Http { status, code, message } = error else {
+        if let ControlError::Unauthorized { message } = error {
+            return ControlError::TokenRejected {
+                code: error_codes::UNAUTHORIZED.into(),
+                reason: "it is not valid",
+                message,
+            };
+        }
+        return error;
+    };
+    let reason = match code.as_str() {
+        error_codes::TOKEN_EXPIRED => "it has expired",
+        error_codes::TOKEN_USED_UP => "it has already been used up",
+        error_codes::TOKEN_REVOKED => "it was revoked",
+        error_codes::TOKEN_INVALID => "it is not valid (unknown, malformed or mistyped)",
+        _ => return ControlError::Http { status, code, message },
+    };
+    ControlError::TokenRejected { code, reason, message }
+}
+
+/// `error: cause: cause`, since reqwest's own message hides the interesting part (connection refused, DNS...).
+fn error_chain(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Reconnect delays: exponential with full jitter, fast at first (a coordinator restart is over in a second),
+/// capped so that a long outage costs a request every half minute at most.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Upper bound of the first delay.
+    pub const FIRST: Duration = Duration::from_millis(1000);
+    /// No delay exceeds this.
+    pub const CAP: Duration = Duration::from_secs(30);
+
+    pub fn new() -> Self {
+        Self { attempt: 0 }
+    }
+
+    /// After a success: the next failure starts fast again.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The delay before the next attempt: uniform in [ceiling/2, ceiling] where the ceiling doubles per failure.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = Self::FIRST.saturating_mul(1u32 << self.attempt.min(6)).min(Self::CAP);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = ceiling / 2;
+        half + half.mul_f64(rand::thread_rng().r#gen::<f64>())
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_fast_grows_and_caps() {
+        let mut backoff = Backoff::new();
+        let first = backoff.next_delay();
+        assert!(
+            first >= Duration::from_millis(500) && first <= Duration::from_millis(1000),
+            "{first:?}"
+        );
+        let delays: Vec<_> = (0..20).map(|_| backoff.next_delay()).collect();
+        assert!(delays.iter().all(|d| *d <= Backoff::CAP));
+        assert!(delays[10] >= Backoff::CAP / 2, "grows to the cap: {delays:?}");
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn token_refusals_say_why() {
+        let refused = |code: &str| {
+            token_error(ControlError::Http {
+                status: 403,
+                code: code.into(),
+                message: "from the server".into(),
+            })
+        };
+        let text = refused(error_codes::TOKEN_EXPIRED).to_string();
+        assert!(
+            text.contains("expired") && text.contains("from the server") && text.contains("new token"),
+            "{text}"
+        );
+        assert!(refused(error_codes::TOKEN_USED_UP).to_string().contains("used up"));
+        assert!(refused(error_codes::TOKEN_REVOKED).to_string().contains("revoked"));
+        assert!(refused(error_codes::TOKEN_INVALID).to_string().contains("not valid"));
+        assert!(matches!(refused(error_codes::INTERNAL), ControlError::Http { .. }));
+        assert!(!refused(error_codes::TOKEN_REVOKED).is_transient());
+    }
+
+    #[tokio::test]
+    async fn unreachable_coordinator_names_the_url() {
+        // Port 9 on loopback: nothing listens (discard is never enabled on test machines); refused at once.
+        let client = ControlClient::new("http://127.0.0.1:9", None).expect("client");
+        let error = client.leave("cred").await.expect_err("nothing listens");
+        assert!(error.is_transient());
+        let text = error.to_string();
+        assert!(
+            text.contains("http://127.0.0.1:9") && text.contains("cannot reach"),
+            "{text}"
+        );
+    }
+}
