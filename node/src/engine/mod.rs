@@ -5,13 +5,59 @@
 //! the network map: it is configured declaratively through [`Engine::reconfigure`] with the full desired peer list.
 //!
 //! INTERFACE CONTRACT (shared by `daemon.rs`/`ctl.rs`): the signatures below are what the rest of the agent calls.
+//!
+//! # Layout
+//! - `peers`: the immutable peer table (routes, index and key maps) and building the next one on reconfigure.
+//! - `endpoint`: which address a peer's packets go to (roaming, candidate rotation). Pure.
+//! - `dispatch`: per-packet decisions (TUN header checks, receiver-index / static-key dispatch). Pure.
+//! - `outbound`: task TUN -> encrypt -> UDP. `inbound`: task UDP -> decrypt -> TUN. `timers`: task for WireGuard
+//!   timers, persistent keepalive and the rate limiter's clock.
+//! - `tun`, `udp`: the two devices and their batch buffers (TUN offload, recvmmsg + GRO, GSO sends).
+//! - `counters`: what was dropped and why.
+//!
+//! # Concurrency
+//! Three tokio tasks, each owning its buffers (nothing is allocated per packet). They share an `Arc<Shared>`: the
+//! peer table behind an `ArcSwap` (loaded once per batch; a reconfigure builds a new table and swaps it in, so the
+//! packet path takes no global lock), atomic counters, and one `Mutex<PeerState>` per peer, held for one
+//! encrypt/decrypt because boringtun's `Tunn` takes `&mut self`. Outbound and inbound run in parallel on different
+//! peers, and on the same peer they alternate per packet.
+
+mod counters;
+mod dispatch;
+mod endpoint;
+mod inbound;
+mod outbound;
+mod peers;
+mod timers;
+mod tun;
+mod udp;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::x25519;
 use ipnet::Ipv4Net;
 use meshd_protocol::PublicKey;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use x25519_dalek::StaticSecret;
+
+use self::counters::Counters;
+use self::peers::{PeerTable, TunnFactory, build_table};
+
+/// WireGuard's per-packet overhead (16 B header + 16 B tag, no padding in boringtun).
+const DATA_OVERHEAD: usize = 32;
+
+/// Handshake messages per second the shared rate limiter accepts before it demands cookies. boringtun's own device
+/// uses 100; every handshake message passes the limiter twice here (our check before dispatch, then the one inside
+/// `decapsulate`), hence 200.
+const HANDSHAKE_RATE_LIMIT: u64 = 200;
+
+/// How long [`Engine::shutdown`] waits for each packet task before aborting it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Everything needed to bring the data plane up. Fixed for the engine's lifetime.
 pub struct EngineConfig {
@@ -62,12 +108,23 @@ pub struct PeerStatus {
 /// Engine-wide counters of things dropped instead of crashing.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct EngineCounters {
+    /// Datagrams that are not WireGuard messages (wrong type or size).
     pub malformed_datagrams: u64,
+    /// WireGuard messages that failed authentication (bad MAC, replay, unknown session, decryption).
+    pub rejected_datagrams: u64,
+    /// Messages for a receiver index or static key we have no peer for.
     pub unknown_peer_datagrams: u64,
     pub malformed_tun_packets: u64,
+    /// IPv6 and other non-IPv4 packets from the TUN (the kernel's link-local chatter): the overlay is IPv4.
+    pub non_ipv4_tun_packets: u64,
     pub no_route_packets: u64,
+    /// Packets for a peer whose endpoint is not known yet (it has to send first).
+    pub no_endpoint_packets: u64,
+    /// Decrypted packets whose inner source is not in the sending peer's allowed IPs.
     pub spoofed_source_packets: u64,
     pub cookie_replies_sent: u64,
+    pub udp_send_errors: u64,
+    pub tun_write_errors: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -81,42 +138,192 @@ pub struct EngineStatus {
 /// Why the engine could not start; messages say what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("cannot create TUN interface {name}: {source} (run as root or with CAP_NET_ADMIN, check that /dev/net/tun exists, and that no other process uses {name})")]
+    #[error(
+        "cannot create TUN interface {name}: {source} (run as root or with CAP_NET_ADMIN, check that /dev/net/tun exists, and that no other process uses {name})"
+    )]
     OpenTun { name: String, source: std::io::Error },
-    #[error("cannot bind UDP port {port}: {source} (is another meshd or WireGuard using it? pick one with --listen-port)")]
+    #[error(
+        "cannot bind UDP port {port}: {source} (is another meshd or WireGuard using it? pick one with --listen-port)"
+    )]
     BindUdp { port: u16, source: std::io::Error },
+}
+
+/// Tuning that the agent normally leaves alone (benchmarks and troubleshooting flip it).
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// TUN TSO/GRO offload (virtio-net header): large batches between the kernel and the engine. On by default; if
+    /// the kernel refuses it the device is created without.
+    pub tun_offload: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { tun_offload: true }
+    }
+}
+
+/// State shared by the engine handle and its packet tasks.
+pub(crate) struct Shared {
+    table: ArcSwap<PeerTable>,
+    counters: Counters,
+    rate_limiter: Arc<RateLimiter>,
+    private_key: x25519::StaticSecret,
+    public_key: x25519::PublicKey,
+    udp: udp::Udp,
+    tun: tun_rs::AsyncDevice,
+    /// Largest IP packet read from the TUN (its MTU).
+    max_packet: usize,
+    /// Room for one outgoing datagram: a full packet plus overhead, and at least a handshake initiation.
+    datagram_slot: usize,
+    /// Serialises reconfigures; holds the next peer index to hand out.
+    next_index: Mutex<u32>,
 }
 
 /// A running data plane. Dropping it (or [`Engine::shutdown`]) removes the TUN device.
 pub struct Engine {
-    _private: (),
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    interface: String,
+    offload: bool,
 }
 
 impl Engine {
     /// Creates the TUN device (address, MTU, route for `network`), binds the UDP socket and starts the packet tasks.
     pub async fn start(config: EngineConfig) -> Result<Engine, EngineError> {
-        let _ = config;
-        todo!("engine helper")
+        Self::start_with(config, EngineOptions::default()).await
+    }
+
+    /// [`Engine::start`] with explicit [`EngineOptions`].
+    pub async fn start_with(config: EngineConfig, options: EngineOptions) -> Result<Engine, EngineError> {
+        // The socket first: a port in use is the likelier error and leaves no device behind.
+        let udp = udp::bind(config.listen_port)?;
+        let (device, offload) = match tun::open(&config, options.tun_offload) {
+            Ok(device) => (device, options.tun_offload),
+            Err(e) if options.tun_offload => {
+                tracing::warn!(error = %e, "TUN offload unavailable, retrying without (lower throughput)");
+                (tun::open(&config, false)?, false)
+            }
+            Err(e) => return Err(e),
+        };
+        let public_key = x25519::PublicKey::from(&config.private_key);
+        let max_packet = usize::from(config.mtu).max(1280);
+        let shared = Arc::new(Shared {
+            table: ArcSwap::from_pointee(PeerTable::default()),
+            counters: Counters::default(),
+            rate_limiter: Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT)),
+            private_key: config.private_key,
+            public_key,
+            udp,
+            tun: device,
+            max_packet,
+            datagram_slot: (max_packet + DATA_OVERHEAD).max(148),
+            next_index: Mutex::new(1),
+        });
+        let cancel = CancellationToken::new();
+        let tasks = vec![
+            tokio::spawn(outbound::run(Arc::clone(&shared), cancel.clone())),
+            tokio::spawn(inbound::run(Arc::clone(&shared), cancel.clone())),
+            tokio::spawn(timers::run(Arc::clone(&shared), cancel.clone())),
+        ];
+        tracing::info!(
+            interface = %config.interface,
+            address = %config.address,
+            network = %config.network,
+            listen_port = shared.udp.port(),
+            mtu = config.mtu,
+            tun_offload = offload,
+            udp_gso_segments = shared.udp.max_gso_segments(),
+            public_key = ?PublicKey::from_bytes(*public_key.as_bytes()),
+            "data plane up"
+        );
+        Ok(Engine {
+            shared,
+            cancel,
+            tasks,
+            interface: config.interface,
+            offload,
+        })
     }
 
     /// Makes the peer set equal to `peers`: adds new ones, removes missing ones (their traffic stops at once), and
     /// updates endpoints/allowed IPs of kept ones without touching their sessions.
     pub fn reconfigure(&self, peers: Vec<PeerConfig>) {
-        let _ = peers;
-        todo!("engine helper")
+        let mut next_index = self.shared.next_index.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = self.shared.table.load_full();
+        let mut factory = TunnFactory {
+            private_key: &self.shared.private_key,
+            public_key: PublicKey::from_bytes(*self.shared.public_key.as_bytes()),
+            rate_limiter: &self.shared.rate_limiter,
+            next_index: &mut next_index,
+        };
+        let (table, changes) = build_table(&old, peers, &mut factory);
+        self.shared.table.store(Arc::new(table));
+        for key in &changes.added {
+            tracing::info!(peer = ?key, "peer added");
+        }
+        for key in &changes.removed {
+            tracing::info!(peer = ?key, "peer removed");
+        }
+        for key in &changes.updated {
+            tracing::debug!(peer = ?key, "peer updated");
+        }
     }
 
     /// The bound UDP port (useful when `listen_port` was 0).
     pub fn listen_port(&self) -> u16 {
-        todo!("engine helper")
+        self.shared.udp.port()
+    }
+
+    /// Whether the TUN device runs with TSO/GRO offload.
+    pub fn tun_offload(&self) -> bool {
+        self.offload
     }
 
     pub fn status(&self) -> EngineStatus {
-        todo!("engine helper")
+        let table = self.shared.table.load();
+        let peers = table
+            .peers()
+            .iter()
+            .map(|peer| {
+                let state = peer.lock();
+                PeerStatus {
+                    public_key: peer.public_key,
+                    name: state.name.clone(),
+                    endpoint: state.endpoint.current(),
+                    path: "direct",
+                    last_handshake: state.tunn.time_since_last_handshake(),
+                    rx_bytes: state.rx_bytes,
+                    tx_bytes: state.tx_bytes,
+                }
+            })
+            .collect();
+        EngineStatus {
+            interface: self.interface.clone(),
+            listen_port: self.listen_port(),
+            peers,
+            counters: self.shared.counters.snapshot(),
+        }
     }
 
     /// Stops the packet tasks and removes the TUN device.
-    pub async fn shutdown(self) {
-        todo!("engine helper")
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        for task in std::mem::take(&mut self.tasks) {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        tracing::info!(interface = %self.interface, "data plane down");
+        // Dropping `self` drops the last `Arc<Shared>`: the TUN fd closes (the kernel removes the device) and the UDP
+        // port is freed before this returns.
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Tasks see the cancellation and drop their references; the device goes when the last one does.
+        self.cancel.cancel();
     }
 }

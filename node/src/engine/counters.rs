@@ -1,0 +1,48 @@
+//! Engine-wide drop counters: every packet the engine refuses is counted here instead of crashing or logging per
+//! packet.
+//!
+//! Owns: the atomic counters and their snapshot ([`super::EngineCounters`]). Relaxed atomics: they are statistics,
+//! nothing is ordered by them, and incrementing one must cost the packet path nothing but the add.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::EngineCounters;
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) malformed_datagrams: AtomicU64,
+    pub(crate) rejected_datagrams: AtomicU64,
+    pub(crate) unknown_peer_datagrams: AtomicU64,
+    pub(crate) malformed_tun_packets: AtomicU64,
+    pub(crate) non_ipv4_tun_packets: AtomicU64,
+    pub(crate) no_route_packets: AtomicU64,
+    pub(crate) no_endpoint_packets: AtomicU64,
+    pub(crate) spoofed_source_packets: AtomicU64,
+    pub(crate) cookie_replies_sent: AtomicU64,
+    pub(crate) udp_send_errors: AtomicU64,
+    pub(crate) tun_write_errors: AtomicU64,
+}
+
+/// Adds one to a counter.
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> EngineCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EngineCounters {
+            malformed_datagrams: get(&self.malformed_datagrams),
+            rejected_datagrams: get(&self.rejected_datagrams),
+            unknown_peer_datagrams: get(&self.unknown_peer_datagrams),
+            malformed_tun_packets: get(&self.malformed_tun_packets),
+            non_ipv4_tun_packets: get(&self.non_ipv4_tun_packets),
+            no_route_packets: get(&self.no_route_packets),
+            no_endpoint_packets: get(&self.no_endpoint_packets),
+            spoofed_source_packets: get(&self.spoofed_source_packets),
+            cookie_replies_sent: get(&self.cookie_replies_sent),
+            udp_send_errors: get(&self.udp_send_errors),
+            tun_write_errors: get(&self.tun_write_errors),
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The outbound task: TUN device -> encrypt -> UDP.
+//!
+//! Owns: reading batches from the device, routing each packet by destination overlay address, encrypting it with its
+//! peer's `Tunn`, and sending the batch with GSO. One task, so its buffers are reused without locking; per packet it
+//! takes only the destination peer's mutex, for one `encapsulate`. The peer table is loaded once per batch.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use boringtun::noise::TunnResult;
+use tokio_util::sync::CancellationToken;
+
+use super::counters::bump;
+use super::dispatch::{TunDrop, tun_destination};
+use super::peers::PeerTable;
+use super::tun::{MAX_IP_PACKET, TUN_BATCH, TUN_OFFSET};
+use super::udp::SendBatch;
+use super::{DATA_OVERHEAD, Shared};
+
+/// Consecutive read errors after which the task backs off briefly instead of spinning (device gone or broken).
+const READ_ERROR_BACKOFF_AFTER: u32 = 100;
+
+pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+    // With offload the device hands us up to 64 KiB at once in `original`, split into MTU-sized `bufs`.
+    let mut original = vec![0u8; TUN_OFFSET + MAX_IP_PACKET];
+    let mut bufs: Vec<Vec<u8>> = (0..TUN_BATCH)
+        .map(|_| vec![0u8; TUN_OFFSET + shared.max_packet])
+        .collect();
+    let mut sizes = vec![0usize; TUN_BATCH];
+    let mut batch = SendBatch::new(TUN_BATCH, shared.datagram_slot);
+    let mut read_errors = 0u32;
+    loop {
+        let received = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            received = shared.tun.recv_multiple(&mut original, &mut bufs, &mut sizes, TUN_OFFSET) => received,
+        };
+        let count = match received {
+            Ok(count) => {
+                read_errors = 0;
+                count
+            }
+            Err(e) => {
+                // With offload, a super-packet that cannot be split is an error for that read only.
+                bump(&shared.counters.malformed_tun_packets);
+                read_errors += 1;
+                if read_errors >= READ_ERROR_BACKOFF_AFTER {
+                    tracing::error!(error = %e, "reading from the TUN device keeps failing");
+                    read_errors = 0;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                continue;
+            }
+        };
+        let table = shared.table.load_full();
+        let now = Instant::now();
+        let max_segments = shared.udp.max_gso_segments();
+        for (buf, &size) in bufs.iter().zip(&sizes).take(count) {
+            if batch.needs_flush() {
+                flush(&shared, &mut batch).await;
+            }
+            encapsulate_one(
+                &shared,
+                &table,
+                &buf[TUN_OFFSET..TUN_OFFSET + size],
+                &mut batch,
+                now,
+                max_segments,
+            );
+        }
+        flush(&shared, &mut batch).await;
+    }
+}
+
+async fn flush(shared: &Shared, batch: &mut SendBatch) {
+    let failures = batch.flush(&shared.udp).await;
+    if failures > 0 {
+        shared
+            .counters
+            .udp_send_errors
+            .fetch_add(failures, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn encapsulate_one(
+    shared: &Shared,
+    table: &PeerTable,
+    packet: &[u8],
+    batch: &mut SendBatch,
+    now: Instant,
+    max_segments: usize,
+) {
+    let destination = match tun_destination(packet) {
+        Ok(destination) => destination,
+        Err(TunDrop::NotIpv4) => return bump(&shared.counters.non_ipv4_tun_packets),
+        Err(TunDrop::Malformed) => return bump(&shared.counters.malformed_tun_packets),
+    };
+    // boringtun panics if the output buffer is smaller than the packet plus its overhead.
+    if packet.len() + DATA_OVERHEAD > shared.datagram_slot {
+        return bump(&shared.counters.malformed_tun_packets);
+    }
+    let Some(peer) = table.route(destination) else {
+        return bump(&shared.counters.no_route_packets);
+    };
+    let mut state = peer.lock();
+    match state.tunn.encapsulate(packet, batch.tail()) {
+        TunnResult::WriteToNetwork(datagram) => {
+            let len = datagram.len();
+            let endpoint = state.destination_for(datagram);
+            match endpoint {
+                Some(endpoint) => {
+                    state.note_sent(len, now);
+                    drop(state);
+                    batch.commit(len, endpoint, max_segments);
+                }
+                None => bump(&shared.counters.no_endpoint_packets),
+            }
+        }
+        // Queued inside the Tunn until the handshake completes.
+        TunnResult::Done => {}
+        TunnResult::Err(e) => tracing::trace!(peer = ?peer.public_key, error = ?e, "encapsulate failed"),
+        TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+    }
+}

@@ -1,0 +1,88 @@
+//! The TUN device: creating it (address, prefix, MTU, offloads) and the reusable batch buffers used to write to it.
+//!
+//! Owns: everything tun-rs specific. With offload on (`IFF_VNET_HDR` + TSO/GRO), every read and write carries a
+//! 10-byte virtio header, so the engine reads with `recv_multiple` (which splits a TSO super-packet into MTU-sized
+//! segments) and writes with `send_multiple` (which coalesces a batch of TCP/UDP segments back into super-packets);
+//! without offload the same calls degrade to one packet per syscall. Packets therefore always sit at [`TUN_OFFSET`]
+//! in their buffers, whichever mode the device is in.
+
+use std::io;
+
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+use super::{EngineConfig, EngineError};
+
+/// Headroom in front of every packet for the virtio-net header (unused but harmless without offload).
+pub(crate) const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
+
+/// Packets per TUN batch: tun-rs's (and wireguard-go's) ideal batch; a 64 KiB TSO read splits into at most ~45.
+pub(crate) const TUN_BATCH: usize = IDEAL_BATCH_SIZE;
+
+/// Largest IP packet (a GRO super-packet written back to the device can reach this).
+pub(crate) const MAX_IP_PACKET: usize = 65535;
+
+/// Creates the device with the node's address and the overlay prefix (so the kernel routes the whole overlay into
+/// it) and the MTU. Must run inside the tokio runtime.
+pub(crate) fn open(config: &EngineConfig, offload: bool) -> Result<AsyncDevice, EngineError> {
+    DeviceBuilder::new()
+        .name(config.interface.clone())
+        .ipv4(config.address, config.network.prefix_len(), None)
+        .mtu(config.mtu)
+        .offload(offload)
+        .build_async()
+        .map_err(|source| EngineError::OpenTun {
+            name: config.interface.clone(),
+            source,
+        })
+}
+
+/// Decrypted packets waiting to be written to the device in one `send_multiple`.
+///
+/// Each buffer has room for a full 64 KiB super-packet so GRO coalescing never reallocates; only the bytes actually
+/// used are ever touched.
+pub(crate) struct TunWriteBatch {
+    bufs: Vec<Vec<u8>>,
+    count: usize,
+    gro: GROTable,
+}
+
+impl TunWriteBatch {
+    pub(crate) fn new() -> Self {
+        Self {
+            bufs: (0..TUN_BATCH)
+                .map(|_| Vec::with_capacity(TUN_OFFSET + MAX_IP_PACKET))
+                .collect(),
+            count: 0,
+            gro: GROTable::new(),
+        }
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.count == self.bufs.len()
+    }
+
+    /// The next free slot, `len` bytes long (room for a decrypted datagram of that size). Call only when not full.
+    pub(crate) fn slot(&mut self, len: usize) -> &mut [u8] {
+        let buf = &mut self.bufs[self.count];
+        buf.resize(TUN_OFFSET + len, 0);
+        &mut buf[TUN_OFFSET..]
+    }
+
+    /// Keeps the first `len` bytes of the current slot as a packet to write.
+    pub(crate) fn commit(&mut self, len: usize) {
+        self.bufs[self.count].truncate(TUN_OFFSET + len);
+        self.count += 1;
+    }
+
+    /// Writes the batch (coalescing segments when offload is on) and empties it.
+    pub(crate) async fn flush(&mut self, device: &AsyncDevice) -> io::Result<()> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let result = device
+            .send_multiple(&mut self.gro, &mut self.bufs[..self.count], TUN_OFFSET)
+            .await;
+        self.count = 0;
+        result.map(|_| ())
+    }
+}
