@@ -166,7 +166,7 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = tick.tick() => {
                 seconds += 1;
                 let status = serde_json::to_string(&engine.status())?;
-                if args.status_every > 0 && seconds % args.status_every == 0 {
+                if args.status_every > 0 && seconds.is_multiple_of(args.status_every) {
                     println!("{status}");
                 }
                 if let Some(path) = &args.status_file {
