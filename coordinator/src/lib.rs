@@ -1,2 +1,219 @@
-//! placeholder
-pub fn placeholder() {}
+//! The meshd coordinator: enrols nodes with join tokens, allocates overlay addresses, streams each node its network
+//! map, and serves the admin API. SQLite (default) or PostgreSQL.
+//!
+//! # Layout
+//! - [`config`]: flags, `MESHD_*` variables and the TOML file, merged and validated into one typed config.
+//! - [`http`]: the router, node and admin handlers, the map stream (SSE), auth extractors.
+//! - [`error`]: `ApiError`, the one place that picks status codes and the error body.
+//! - [`store`]: the only code that touches SQL; serialized write transactions; the change log.
+//! - [`broker`]: fan-out of committed changes to this process's streams, and across replicas via LISTEN/NOTIFY.
+//! - [`ipam`], [`naming`], [`tokens`], [`netmap`], [`wgconfig`], [`secrets`]: pure (no IO) policy and formats:
+//!   addresses, names, token validity, map building, wg-quick files, credential formats.
+//! - [`ops`]: operations shared by the API and the CLI; [`cli`]: the non-serving commands.
+//! - [`tls`]: the self-signed certificate and its fingerprint; [`telemetry`]: Prometheus metrics.
+//!
+//! Entry point for tests and embedding: [`run`] with a bound listener and a shutdown future.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod ipam;
+pub mod model;
+pub mod naming;
+pub mod netmap;
+pub mod ops;
+pub mod secrets;
+pub mod store;
+pub mod telemetry;
+pub mod tls;
+pub mod tokens;
+pub mod wgconfig;
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ServeConfig, TlsMode};
+use crate::store::{Store, settings_keys};
+
+/// How long shutdown waits for open requests (map streams end at once on shutdown).
+const GRACEFUL_SHUTDOWN: Duration = Duration::from_secs(5);
+
+/// Runs the coordinator on `listener` until `shutdown` completes: opens the database (migrations), prepares TLS,
+/// starts the broker and serves HTTP(S). Map streams are closed at shutdown.
+pub async fn run(
+    config: ServeConfig,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    tls::install_crypto_provider();
+    telemetry::describe();
+    let metrics = telemetry::handle();
+    std::fs::create_dir_all(&config.storage.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.storage.data_dir.display()))?;
+    let store = Store::connect(&config.storage.database_url)
+        .await
+        .with_context(|| format!("opening the database {}", redact_url(&config.storage.database_url)))?;
+    check_network(&store, config.network).await?;
+
+    let local = listener.local_addr().context("reading the listening address")?;
+    let tls_on = config.tls != TlsMode::Off;
+    let (public_url, guessed) = match &config.public_url {
+        Some(url) => (url.clone(), false),
+        None => (guess_public_url(local, tls_on), true),
+    };
+    let host = public_host(&public_url);
+    let tls_files = tls::prepare(&config.tls, &config.storage.data_dir, &[host])?;
+    let fingerprint = tls_files.as_ref().map(|t| t.fingerprint);
+    store.set_setting(settings_keys::PUBLIC_URL, &public_url).await?;
+    store.set_setting(settings_keys::CERT_FINGERPRINT, &fingerprint.map(|f| f.to_hex()).unwrap_or_default()).await?;
+    store.reset_presence().await?;
+    if guessed {
+        tracing::warn!(url = %public_url, "no --public-url given; guessed from this host (nodes must reach it)");
+    }
+    tracing::info!(
+        listen = %local, url = %public_url, network = %config.network,
+        tls = ?fingerprint.map(|f| f.to_hex()), "coordinator serving"
+    );
+
+    let cancel = CancellationToken::new();
+    let broker = broker::Broker::start(store.clone(), config.keep_changes, cancel.clone()).await?;
+    let state = http::AppState::new(http::StateInner {
+        store: store.clone(),
+        broker,
+        network: config.network,
+        public_url,
+        fingerprint,
+        shutdown: cancel.clone(),
+        metrics,
+        openapi_json: OnceLock::new(),
+    });
+    let app = http::router(state);
+
+    let on_shutdown = {
+        let cancel = cancel.clone();
+        async move {
+            shutdown.await;
+            cancel.cancel();
+        }
+    };
+    listener.set_nonblocking(true).context("configuring the listener")?;
+    let served = match tls_files {
+        None => {
+            let listener = tokio::net::TcpListener::from_std(listener).context("registering the listener")?;
+            axum::serve(listener, app).with_graceful_shutdown(on_shutdown).await.context("serving HTTP")
+        }
+        Some(files) => {
+            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&files.cert, &files.key)
+                .await
+                .with_context(|| format!("loading TLS certificate {} and key {}", files.cert.display(), files.key.display()))?;
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                on_shutdown.await;
+                stopper.graceful_shutdown(Some(GRACEFUL_SHUTDOWN));
+            });
+            axum_server::from_tcp_rustls(listener, rustls)
+                .context("registering the listener")?
+                .handle(handle)
+                .serve(app.into_make_service())
+                .await
+                .context("serving HTTPS")
+        }
+    };
+    cancel.cancel();
+    store.close().await;
+    served
+}
+
+/// Refuses to start when nodes hold addresses outside the configured network (a changed `--network`): they would
+/// keep addresses no new node could be routed to.
+async fn check_network(store: &Store, network: ipnet::Ipv4Net) -> anyhow::Result<()> {
+    let outside = store.nodes_outside(network).await?;
+    if let Some((name, ip)) = outside.first() {
+        let previous = store.setting(settings_keys::NETWORK).await?.unwrap_or_else(|| "another network".into());
+        bail!(
+            "{} node(s) have addresses outside --network {network} (e.g. `{name}` has {ip}); they were allocated \
+             from {previous}: start with --network {previous}, or delete those nodes first",
+            outside.len()
+        );
+    }
+    store.set_setting(settings_keys::NETWORK, &network.to_string()).await?;
+    Ok(())
+}
+
+/// Host part of a URL (`https://host:port` -> `host`, brackets of IPv6 literals removed).
+pub fn public_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6).to_string();
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h).to_string()
+}
+
+/// `scheme://ip:port` for nodes, when the admin gave no `--public-url`: the listening address if it is specific,
+/// else this host's first non-loopback IPv4 address (from the kernel's local routing table), else loopback.
+pub fn guess_public_url(local: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    let ip = match local.ip() {
+        IpAddr::V4(v4) if !v4.is_unspecified() => v4,
+        _ => local_ipv4().unwrap_or(Ipv4Addr::LOCALHOST),
+    };
+    format!("{scheme}://{ip}:{}", local.port())
+}
+
+/// First non-loopback local IPv4 address in `/proc/net/fib_trie` (no socket is opened, nothing is sent).
+fn local_ipv4() -> Option<Ipv4Addr> {
+    let text = std::fs::read_to_string("/proc/net/fib_trie").ok()?;
+    let mut last: Option<Ipv4Addr> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(addr) = line.strip_prefix("|-- ") {
+            last = addr.parse().ok();
+        } else if line.contains("/32 host LOCAL")
+            && let Some(ip) = last
+            && !ip.is_loopback()
+        {
+            return Some(ip);
+        }
+    }
+    None
+}
+
+/// A database URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_helpers() {
+        assert_eq!(public_host("https://198.18.0.1:8443"), "198.18.0.1");
+        assert_eq!(public_host("https://vpn.example.com"), "vpn.example.com");
+        assert_eq!(public_host("https://[fd00::1]:8443"), "fd00::1");
+        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("sqlite:///x"), "sqlite:///x");
+        let guessed = guess_public_url("198.18.0.7:8443".parse().expect("addr"), true);
+        assert_eq!(guessed, "https://198.18.0.7:8443");
+        assert!(guess_public_url("0.0.0.0:9".parse().expect("addr"), false).starts_with("http://"));
+    }
+}

@@ -1,0 +1,320 @@
+//! Command line, `MESHD_*` environment variables and the optional TOML file, merged into one typed config per
+//! command. Precedence: flag, then environment variable (clap reads both), then the file (`--config`), then the
+//! default. The file uses the long flag names with `_` (`public_url = "https://..."`); unknown keys are an error, so a
+//! typo never silently falls back to a default. Everything is validated here, at start-up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+use crate::ipam;
+
+/// Defaults of `serve`.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+pub const DEFAULT_NETWORK: &str = "10.77.0.0/16";
+pub const DEFAULT_DATA_DIR: &str = "./meshd-data";
+/// Changes kept in the log for resuming streams; a node offline for longer gets a full map (a few KB per 100 nodes),
+/// so this only needs to cover ordinary reconnects.
+pub const DEFAULT_KEEP_CHANGES: u64 = 10_000;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshd-coordinator",
+    version,
+    about = "The meshd coordinator: enrols nodes with join tokens, allocates overlay addresses and streams network maps",
+    after_help = "Every flag can also be set with its MESHD_* environment variable or in a TOML file given with --config \
+                  (keys are the flag names with `_`, e.g. public_url = \"https://vpn.example.com:8443\")."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// TOML file with settings (flags and environment variables take precedence).
+    #[arg(long, env = "MESHD_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the SQLite database and the self-signed certificate [default: ./meshd-data].
+    #[arg(long, env = "MESHD_DATA_DIR", global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Database: sqlite://PATH or postgres://USER:PASSWORD@HOST/DB [default: SQLite in the data dir].
+    #[arg(long, env = "MESHD_DATABASE_URL", global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator (HTTPS API and map streams).
+    Serve(ServeArgs),
+    /// Manage admin API keys.
+    #[command(subcommand)]
+    Apikey(ApikeyCommand),
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Inspect and remove nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// Address and port to listen on [default: 0.0.0.0:8443].
+    #[arg(long, env = "MESHD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Overlay network nodes get addresses from [default: 10.77.0.0/16].
+    #[arg(long, env = "MESHD_NETWORK", value_name = "CIDR")]
+    pub network: Option<String>,
+    /// URL nodes use to reach this coordinator, written into join tokens (default: guessed from this host's
+    /// addresses and printed at start).
+    #[arg(long, env = "MESHD_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
+    /// PEM certificate (chain) to serve instead of the self-signed one; needs --tls-key.
+    #[arg(long, env = "MESHD_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MESHD_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP (only behind a TLS-terminating proxy); tokens then carry no certificate fingerprint.
+    #[arg(long, env = "MESHD_NO_TLS", conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub no_tls: bool,
+    /// Changes kept for nodes that resume their map stream [default: 10000].
+    #[arg(long, env = "MESHD_KEEP_CHANGES", value_name = "N")]
+    pub keep_changes: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApikeyCommand {
+    /// Create an admin API key; it is printed once, as the last line of stdout.
+    Create {
+        /// What the key is for (shown in `apikey list`).
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List admin API keys (ids only; secrets are not stored).
+    List,
+    /// Delete an admin API key; it stops working at once.
+    Delete { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token; it is printed as the last line of stdout. Single-use unless --reusable or --uses.
+    Create(TokenCreateArgs),
+    /// List join tokens and their state.
+    List,
+    /// Revoke a join token: it enrols nothing more (nodes that joined with it stay).
+    Revoke { id: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenCreateArgs {
+    /// Any number of nodes may join with this token (until it expires or is revoked).
+    #[arg(long, conflicts_with = "uses")]
+    pub reusable: bool,
+    /// Number of nodes that may join with this token [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub uses: Option<u32>,
+    /// Lifetime, e.g. 30m, 24h, 7d (default: never expires).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub expires: Option<Duration>,
+    /// Tag that joined nodes inherit (repeatable).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// URL written into the token (default: the one `serve` uses, from the database).
+    #[arg(long, env = "MESHD_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List nodes.
+    List,
+    /// Delete a node: its credential stops working and it leaves every map.
+    Delete { id: i64 },
+}
+
+/// Keys of the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub listen: Option<SocketAddr>,
+    pub network: Option<String>,
+    pub public_url: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub no_tls: Option<bool>,
+    pub keep_changes: Option<u64>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+}
+
+/// Where the database and the data directory are; every command needs this.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    pub database_url: String,
+}
+
+/// How the coordinator serves HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsMode {
+    /// A certificate generated at first start and kept in the data dir; its fingerprint goes into tokens.
+    SelfSigned,
+    /// A certificate given by the admin.
+    Files { cert: PathBuf, key: PathBuf },
+    /// Plain HTTP behind a TLS-terminating proxy.
+    Off,
+}
+
+/// The validated settings of `serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub storage: StorageConfig,
+    pub listen: SocketAddr,
+    pub network: Ipv4Net,
+    /// `None`: guess from the host's addresses.
+    pub public_url: Option<String>,
+    pub tls: TlsMode,
+    pub keep_changes: u64,
+}
+
+impl ServeConfig {
+    /// Defaults for tests and embedding: plain HTTP, data in `data_dir`.
+    pub fn for_tests(data_dir: &Path, database_url: Option<String>) -> Self {
+        let storage = StorageConfig {
+            data_dir: data_dir.to_path_buf(),
+            database_url: database_url.unwrap_or_else(|| crate::store::default_url(data_dir)),
+        };
+        Self {
+            storage,
+            listen: "127.0.0.1:0".parse().expect("a valid literal address"),
+            network: DEFAULT_NETWORK.parse().expect("a valid literal network"),
+            public_url: None,
+            tls: TlsMode::Off,
+            keep_changes: DEFAULT_KEEP_CHANGES,
+        }
+    }
+}
+
+/// Loads the config file named by `common`, if any.
+pub fn load_file(common: &CommonArgs) -> anyhow::Result<FileConfig> {
+    match &common.config {
+        Some(path) => FileConfig::load(path),
+        None => Ok(FileConfig::default()),
+    }
+}
+
+pub fn storage(common: &CommonArgs, file: &FileConfig) -> StorageConfig {
+    let data_dir =
+        common.data_dir.clone().or_else(|| file.data_dir.clone()).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let database_url = common
+        .database_url
+        .clone()
+        .or_else(|| file.database_url.clone())
+        .unwrap_or_else(|| crate::store::default_url(&data_dir));
+    StorageConfig { data_dir, database_url }
+}
+
+/// Checks a public URL: `http(s)://host[:port]`, no path; returns it without a trailing `/`.
+pub fn validate_public_url(url: &str) -> anyhow::Result<String> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let Some(rest) = trimmed.strip_prefix("https://").or_else(|| trimmed.strip_prefix("http://")) else {
+        bail!("public URL `{url}` must start with https:// or http:// (e.g. https://vpn.example.com:8443)");
+    };
+    if rest.is_empty() || rest.contains('/') || rest.contains(char::is_whitespace) {
+        bail!("public URL `{url}` must be scheme://host[:port] with no path (e.g. https://198.18.0.1:8443)");
+    }
+    Ok(trimmed.to_string())
+}
+
+/// Parses and checks the overlay network.
+pub fn parse_network(text: &str) -> anyhow::Result<Ipv4Net> {
+    let net: Ipv4Net = text
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("`{text}` is not an IPv4 network in CIDR form (e.g. 10.77.0.0/16)"))?;
+    ipam::validate_network(net)?;
+    Ok(net)
+}
+
+/// Merges flags/environment with the file and validates.
+pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow::Result<ServeConfig> {
+    let storage = storage(common, file);
+    let listen = match args.listen.or(file.listen) {
+        Some(listen) => listen,
+        None => DEFAULT_LISTEN.parse().expect("a valid literal address"),
+    };
+    let network = parse_network(args.network.as_deref().or(file.network.as_deref()).unwrap_or(DEFAULT_NETWORK))
+        .context("invalid --network")?;
+    let public_url = args
+        .public_url
+        .as_deref()
+        .or(file.public_url.as_deref())
+        .map(validate_public_url)
+        .transpose()
+        .context("invalid --public-url")?;
+    let no_tls = args.no_tls || file.no_tls.unwrap_or(false);
+    let cert = args.tls_cert.clone().or_else(|| file.tls_cert.clone());
+    let key = args.tls_key.clone().or_else(|| file.tls_key.clone());
+    let tls = match (no_tls, cert, key) {
+        (true, None, None) => TlsMode::Off,
+        (true, _, _) => bail!("--no-tls cannot be combined with --tls-cert/--tls-key: pick one"),
+        (false, Some(cert), Some(key)) => TlsMode::Files { cert, key },
+        (false, None, None) => TlsMode::SelfSigned,
+        (false, _, _) => bail!("--tls-cert and --tls-key go together: give both, or neither for a self-signed certificate"),
+    };
+    let keep_changes = args.keep_changes.or(file.keep_changes).unwrap_or(DEFAULT_KEEP_CHANGES);
+    if keep_changes == 0 {
+        bail!("--keep-changes must be at least 1");
+    }
+    Ok(ServeConfig { storage, listen, network, public_url, tls, keep_changes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common() -> CommonArgs {
+        CommonArgs { config: None, data_dir: Some("/tmp/x".into()), database_url: None }
+    }
+
+    #[test]
+    fn defaults_and_precedence() {
+        let file: FileConfig = toml::from_str("network = \"10.9.0.0/24\"\nlisten = \"127.0.0.1:9\"").expect("toml");
+        let args = ServeArgs { listen: Some("127.0.0.1:1".parse().expect("addr")), ..Default::default() };
+        let cfg = serve(&common(), &args, &file).expect("valid");
+        assert_eq!(cfg.listen.port(), 1, "flag beats file");
+        assert_eq!(cfg.network.to_string(), "10.9.0.0/24", "file beats default");
+        assert_eq!(cfg.tls, TlsMode::SelfSigned);
+        assert_eq!(cfg.storage.database_url, "sqlite:///tmp/x/meshd.db?mode=rwc");
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(toml::from_str::<FileConfig>("netwrok = \"10.0.0.0/8\"").is_err(), "unknown keys are errors");
+        let file: FileConfig = toml::from_str("network = \"10.0.0.0/31\"").expect("toml");
+        let err = serve(&common(), &ServeArgs::default(), &file).expect_err("too small");
+        assert!(format!("{err:#}").contains("too small"));
+        let args = ServeArgs { network: Some("banana".into()), ..Default::default() };
+        assert!(serve(&common(), &args, &FileConfig::default()).is_err());
+        assert!(validate_public_url("ftp://x").is_err());
+        assert!(validate_public_url("https://x/path").is_err());
+        assert_eq!(validate_public_url("https://x:1/").expect("ok"), "https://x:1");
+    }
+}

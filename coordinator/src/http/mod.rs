@@ -1,0 +1,149 @@
+//! The HTTP API: router, shared state, OpenAPI document, metrics middleware and our 404/405 answers.
+//!
+//! Routes are registered through `utoipa_axum::routes!`, so the OpenAPI document (`GET /api/v1/openapi.json`) is
+//! generated from the same annotations that register the handlers and cannot miss a route.
+//! Layout: [`node`] (what the node agent calls), [`stream`] (the map stream), [`admin`] (bearer admin API key),
+//! [`meta`] (health, metrics, the document itself), [`extract`] (auth capabilities and error-mapping extractors).
+
+pub mod admin;
+pub mod extract;
+pub mod meta;
+pub mod node;
+pub mod stream;
+
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use ipnet::Ipv4Net;
+use meshd_protocol::CertFingerprint;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::broker::Broker;
+use crate::error::ApiError;
+use crate::store::Store;
+
+/// Largest request body accepted (the biggest legitimate body, a join request, is well under 1 KiB).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What every handler can reach; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<StateInner>);
+
+pub struct StateInner {
+    pub store: Store,
+    pub broker: Arc<Broker>,
+    pub network: Ipv4Net,
+    /// Written into tokens.
+    pub public_url: String,
+    /// Written into tokens; `None` when serving plain HTTP.
+    pub fingerprint: Option<CertFingerprint>,
+    /// Ends map streams at shutdown (graceful shutdown waits for open responses).
+    pub shutdown: CancellationToken,
+    pub metrics: PrometheusHandle,
+    /// The generated OpenAPI document, set once the router is built.
+    pub openapi_json: OnceLock<String>,
+}
+
+impl Deref for AppState {
+    type Target = StateInner;
+    fn deref(&self) -> &StateInner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(inner: StateInner) -> Self {
+        Self(Arc::new(inner))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "meshd coordinator API",
+        description = "Enrolment, network maps and administration of a meshd WireGuard mesh. Node routes take the node \
+                       credential from the join response, admin routes an admin API key, both as a Bearer token. \
+                       Errors are {\"error\": {\"code\", \"message\"}}."
+    ),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "node", description = "Called by the meshd agent"),
+        (name = "admin", description = "Administration (admin API key)"),
+        (name = "meta", description = "Health, metrics and this document")
+    )
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("admin", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+        components.add_security_scheme("node", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// Builds the router and the OpenAPI document (stored in the state for `GET /api/v1/openapi.json`).
+pub fn router(state: AppState) -> Router {
+    let (router, doc) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
+        .routes(routes!(node::join))
+        .routes(routes!(stream::map))
+        .routes(routes!(node::report_endpoints))
+        .routes(routes!(node::leave))
+        .routes(routes!(admin::create_token, admin::list_tokens))
+        .routes(routes!(admin::revoke_token))
+        .routes(routes!(admin::list_nodes, admin::register_device))
+        .routes(routes!(admin::get_node, admin::update_node, admin::delete_node))
+        .routes(routes!(admin::wireguard_config))
+        .routes(routes!(admin::audit_log))
+        .routes(routes!(meta::healthz))
+        .routes(routes!(meta::metrics))
+        .routes(routes!(meta::openapi))
+        .split_for_parts();
+    let json = doc.to_pretty_json().expect("the generated OpenAPI document serializes");
+    let _ = state.openapi_json.set(json);
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(record_metrics))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; the API is described at GET /api/v1/openapi.json")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method; see GET /api/v1/openapi.json",
+    )
+}
+
+/// Counts requests and their latency per route template (not per concrete path: bounded label values).
+async fn record_metrics(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!(crate::telemetry::HTTP_DURATION, "method" => method, "route" => route, "status" => status)
+        .record(started.elapsed().as_secs_f64());
+    response
+}

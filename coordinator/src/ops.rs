@@ -1,0 +1,83 @@
+//! Operations shared by the HTTP API and the CLI (so `token create` on the command line and `POST /api/v1/tokens`
+//! make the same token), on top of the store.
+
+use std::time::Duration;
+
+use meshd_protocol::{CertFingerprint, JoinToken};
+
+use crate::model::now_unix;
+use crate::naming;
+use crate::secrets;
+use crate::store::{NewToken, Store, StoreError};
+use crate::tokens::TokenRecord;
+
+/// What a new token allows.
+#[derive(Debug, Clone, Default)]
+pub struct TokenOptions {
+    /// `None`: unlimited uses.
+    pub max_uses: Option<u32>,
+    pub expires_in: Option<Duration>,
+    pub tags: Vec<String>,
+}
+
+impl TokenOptions {
+    /// From the user-facing switches: single-use unless `reusable` or `uses`.
+    pub fn new(reusable: bool, uses: Option<u32>, expires_in: Option<Duration>, tags: Vec<String>) -> Self {
+        let max_uses = if reusable { None } else { Some(uses.unwrap_or(1)) };
+        Self { max_uses, expires_in, tags: naming::normalize_tags(tags) }
+    }
+}
+
+/// Why a token could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Creates a join token and returns its string (shown once) and its record.
+pub async fn issue_token(
+    store: &Store,
+    actor: &str,
+    coordinator_url: &str,
+    fingerprint: Option<CertFingerprint>,
+    options: TokenOptions,
+) -> Result<(String, TokenRecord), IssueError> {
+    naming::validate_tags(&options.tags).map_err(IssueError::Invalid)?;
+    if options.max_uses == Some(0) {
+        return Err(IssueError::Invalid("uses must be at least 1".into()));
+    }
+    let expires_at = match options.expires_in {
+        Some(d) if d.is_zero() => return Err(IssueError::Invalid("expiry must be in the future".into())),
+        Some(d) => Some(now_unix().saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))),
+        None => None,
+    };
+    let token = JoinToken {
+        coordinator_url: coordinator_url.to_string(),
+        id: secrets::random_id(),
+        secret: secrets::random_secret(),
+        fingerprint,
+    };
+    let record = store
+        .create_token(
+            actor,
+            NewToken {
+                id: token.id.clone(),
+                secret_hash: hex::encode(token.secret_hash()),
+                expires_at,
+                max_uses: options.max_uses.map(i64::from),
+                tags: options.tags,
+            },
+        )
+        .await?;
+    Ok((token.encode(), record))
+}
+
+/// Creates an admin API key; returns (id, the key string shown once).
+pub async fn issue_api_key(store: &Store, actor: &str, description: &str) -> Result<(String, String), StoreError> {
+    let key = secrets::new_api_key();
+    store.create_api_key(actor, &key.id, &key.hash_hex, description).await?;
+    Ok((key.id, key.text))
+}

@@ -1,0 +1,39 @@
+//! Key/value settings: what `serve` publishes for the CLI (public URL, certificate fingerprint, network) and the
+//! change log's pruning mark.
+
+use super::{Result, Store};
+
+/// The URL nodes use to reach the coordinator (written by `serve`, read by `token create`).
+pub const PUBLIC_URL: &str = "public_url";
+/// Hex SHA-256 of the served certificate, empty when serving plain HTTP.
+pub const CERT_FINGERPRINT: &str = "cert_fingerprint";
+/// The overlay network nodes were allocated from.
+pub const NETWORK: &str = "network";
+/// Every change with a version at or below this was pruned from the log.
+pub const PRUNED_THROUGH: &str = "pruned_through";
+
+impl Store {
+    pub async fn setting(&self, key: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
+    pub async fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        let mut w = self.write().await?;
+        Self::set_setting_in(&mut w.tx, key, value).await?;
+        w.commit().await
+    }
+
+    pub(super) async fn set_setting_in(tx: &mut sqlx::AnyConnection, key: &str, value: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,63 @@
+//! Prometheus metrics: names, the recorder, and the text served at `GET /metrics`.
+//!
+//! Counters and histograms go through the `metrics` facade into one process-wide recorder (installed once; several
+//! coordinators in one test process share it). The node gauges are read from the database at scrape time instead, so
+//! they are exact for this coordinator's database and need no bookkeeping on every change.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Histogram: seconds to answer a request (to the response head, for streams), by method, route and status.
+pub const HTTP_DURATION: &str = "meshd_http_request_duration_seconds";
+/// Counter: successful joins (`rejoin` label: a known key joined again).
+pub const JOINS: &str = "meshd_joins_total";
+/// Counter: refused joins, by error code.
+pub const JOINS_REFUSED: &str = "meshd_joins_refused_total";
+/// Counter: map messages written to streams (full maps and deltas).
+pub const MAP_UPDATES: &str = "meshd_map_updates_sent_total";
+/// Gauge: map streams open in this process.
+pub const MAP_STREAMS: &str = "meshd_map_streams";
+
+/// Latency buckets in seconds: API calls take milliseconds; a slow database shows up in the upper buckets.
+const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// The process-wide recorder's handle (installed on first use).
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.to_string()), BUCKETS)
+                .expect("the bucket list is not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed (an embedding program's); ours then just stays empty.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("another metrics recorder is installed; /metrics shows only the node gauges");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// The `/metrics` body: the recorder's output plus the node gauges.
+pub fn render(handle: &PrometheusHandle, nodes: i64, online: i64) -> String {
+    let mut text = handle.render();
+    text.push_str("# HELP meshd_nodes Nodes enrolled (meshd agents and registered WireGuard devices).\n");
+    text.push_str("# TYPE meshd_nodes gauge\n");
+    text.push_str(&format!("meshd_nodes {nodes}\n"));
+    text.push_str("# HELP meshd_nodes_online Nodes with a connected map stream.\n");
+    text.push_str("# TYPE meshd_nodes_online gauge\n");
+    text.push_str(&format!("meshd_nodes_online {online}\n"));
+    text
+}
+
+/// Registers descriptions so the output has HELP lines.
+pub fn describe() {
+    metrics::describe_histogram!(HTTP_DURATION, metrics::Unit::Seconds, "Time to answer an HTTP request.");
+    metrics::describe_counter!(JOINS, "Successful joins.");
+    metrics::describe_counter!(JOINS_REFUSED, "Refused joins, by error code.");
+    metrics::describe_counter!(MAP_UPDATES, "Map messages (full maps and deltas) sent to nodes.");
+    metrics::describe_gauge!(MAP_STREAMS, "Map streams open in this process.");
+}
