@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# scripts/test-all.sh: the one command that installs what the tests need and runs ALL of meshd's tests.
+#
+#   sudo bash scripts/test-all.sh
+#
+# On a fresh Debian 12 machine with the Rust toolchain (CI runs this through .ci/run, as root, no stdin):
+#   1. installs the Debian packages the tests use (PostgreSQL, OpenSSH, iproute2, iptables, wireguard-go, ...);
+#   2. starts PostgreSQL and creates a superuser role for the tests; exports MESHD_TEST_POSTGRES_URL so the
+#      coordinator suite runs on PostgreSQL as well as SQLite;
+#   3. builds the binaries (one profile: dev, which optimizes dependencies) and runs `cargo test --workspace`,
+#      including the end-to-end scenarios in network namespaces (tests/), which must run, not skip
+#      (MESHD_LAB_REQUIRED=1);
+#   4. checks formatting and clippy (MESHD_SKIP_LINT=1 skips this step).
+# Idempotent: what is installed or running already is left as it is.
+#
+# Env: MESHD_TEST_POSTGRES_URL  use this database instead of the local cluster (no PostgreSQL setup then)
+#      MESHD_SKIP_INSTALL=1     do not run apt-get (everything is installed already)
+#      MESHD_SKIP_LINT=1        skip cargo fmt --check and clippy
+#      CARGO_TEST_ARGS          what to test instead of --workspace (e.g. "-p meshd-lab")
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '[test-all %(%H:%M:%S)T] %s\n' -1 "$*"; }
+die() { log "FAILED: $*"; exit 1; }
+
+PACKAGES=(
+    postgresql                      # coordinator suite on PostgreSQL
+    openssh-server openssh-client   # lab: ssh across the mesh
+    iproute2 iptables iputils-ping procps curl ca-certificates   # lab: namespaces, NAT, loss, pings, admin API
+    wireguard-go wireguard-tools    # lab: stock WireGuard interop
+    iperf3 jq ethtool               # benchmark (tests/bench/meshd.sh)
+)
+
+[[ $EUID -eq 0 ]] || die "run as root: the tests create network namespaces and TUN devices (sudo bash $0)"
+
+install_packages() {
+    local missing=() p
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if ((${#missing[@]} == 0)); then
+        log "all ${#PACKAGES[@]} packages installed already"
+        return
+    fi
+    log "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Another apt on the machine (a colleague's install) holds the lock for a while: wait for it, bounded.
+    apt-get -o DPkg::Lock::Timeout=600 update -q
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
+}
+
+ensure_tun() {
+    [[ -c /dev/net/tun ]] && return
+    modprobe tun 2>/dev/null || true
+    if [[ ! -c /dev/net/tun ]]; then
+        mkdir -p /dev/net && mknod /dev/net/tun c 10 200 && chmod 0666 /dev/net/tun
+    fi
+    [[ -c /dev/net/tun ]] || die "/dev/net/tun is missing and could not be created"
+}
+
+start_postgres() {
+    if [[ -n ${MESHD_TEST_POSTGRES_URL:-} ]]; then
+        log "using MESHD_TEST_POSTGRES_URL from the environment"
+        return
+    fi
+    local version port i
+    version=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -1)
+    [[ -n $version ]] || die "PostgreSQL is not installed"
+    pg_lsclusters -h | awk -v v="$version" '$1==v && $2=="main"{f=1} END{exit !f}' || pg_createcluster "$version" main
+    if ! pg_lsclusters -h | awk -v v="$version" '$1==v && $2=="main" && $4 ~ /^online/{f=1} END{exit !f}'; then
+        log "starting PostgreSQL $version"
+        pg_ctlcluster "$version" main start
+    fi
+    port=$(pg_lsclusters -h | awk -v v="$version" '$1==v && $2=="main"{print $3}')
+    for i in $(seq 1 60); do
+        pg_isready -q -h 127.0.0.1 -p "$port" && break
+        sleep 0.5
+    done
+    pg_isready -q -h 127.0.0.1 -p "$port" || die "PostgreSQL $version did not accept connections on 127.0.0.1:$port"
+    # A superuser so the suite can create a database per test run; the password only guards a local test role.
+    runuser -u postgres -- psql -q -p "$port" -v ON_ERROR_STOP=1 <<'SQL'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'meshd_test') THEN
+    CREATE ROLE meshd_test LOGIN SUPERUSER PASSWORD 'meshd_test';
+  END IF;
+END $$;
+SQL
+    export MESHD_TEST_POSTGRES_URL="postgres://meshd_test:meshd_test@127.0.0.1:$port/postgres"
+    log "PostgreSQL $version ready on 127.0.0.1:$port (MESHD_TEST_POSTGRES_URL set)"
+}
+
+[[ ${MESHD_SKIP_INSTALL:-0} == 1 ]] || install_packages
+ensure_tun
+start_postgres
+export MESHD_LAB_REQUIRED=${MESHD_LAB_REQUIRED:-1}
+
+log "building (dev profile)"
+cargo build --workspace --bins
+log "running all tests"
+# shellcheck disable=SC2086
+cargo test ${CARGO_TEST_ARGS:---workspace} --no-fail-fast
+
+if [[ ${MESHD_SKIP_LINT:-0} != 1 ]]; then
+    log "checking formatting and clippy"
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+fi
+log "all tests passed"
