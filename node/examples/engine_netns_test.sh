@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Two meshd data-plane engines (the engine_pair example) in two network namespaces joined by a veth pair:
-#   1. meshd <-> meshd: ping and a TCP transfer (iperf3) across the overlay 10.77.0.0/16, counters sane;
+#   1. meshd <-> meshd: A knows two candidate endpoints for B (the first is dead), B knows none for A: the handshake
+#      must rotate to the live candidate and B must learn A's endpoint. Then ping and a TCP transfer (iperf3) across
+#      the overlay 10.77.0.0/16, counters sane; a handshake flood gets cookie replies while ping keeps working; peer
+#      removal stops traffic within 2 s (and re-adding restores it); B changes its underlay address and A follows
+#      (roaming); optionally (LONG_PING_SECONDS=150) a ping across the 120 s rekey;
 #   2. interop: side B replaced by stock wireguard-go + wg, ping and TCP again;
 #   3. baseline: both sides wireguard-go, TCP throughput in the same setup.
 # Usage (as root, from the repository root): node/examples/engine_netns_test.sh [path/to/engine_pair]
@@ -14,13 +18,15 @@
 set -euo pipefail
 
 BIN=${1:-target/release/examples/engine_pair}
+FLOOD=$(dirname "$BIN")/handshake_flood
 SECS=${IPERF_SECONDS:-5}
 ID=$$
 NA="eng-$ID-a"; NB="eng-$ID-b"
 VA="ev${ID}a"; VB="ev${ID}b"          # veth ends
 TA="et${ID}a"; TB="et${ID}b"          # engine TUN devices
 WA="wg${ID}a"; WB="wg${ID}b"          # wireguard-go devices
-UA=198.18.0.1; UB=198.18.0.2          # underlay
+UA=198.18.0.1; UB=198.18.0.2          # underlay (B moves to 198.18.0.3 in the roaming step)
+DEAD=198.18.0.99                      # a candidate endpoint nobody answers on
 OA=10.77.0.1; OB=10.77.0.2            # overlay
 PORT=51820
 TMP=$(mktemp -d /tmp/eng-netns-$ID.XXXXXX)
@@ -77,6 +83,20 @@ check_tcp() {
   fi
 }
 
+# Waits (bounded: $3 seconds) for the first ping reply from namespace $1 to $2; prints how long it took.
+wait_ping() {
+  local start; start=$(date +%s.%N)
+  for _ in $(seq 1 "$3"); do
+    if ip netns exec "$1" ping -c 1 -W 1 "$2" >/dev/null 2>&1; then
+      pass "$4 (first reply after $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')") s)"; return 0
+    fi
+  done
+  fail "$4 (no reply within $3 s)"; return 1
+}
+
+# Prints field $2 of the status JSON file $1 (a python expression over `s`).
+status_field() { python3 -c "import json; s=json.load(open('$1')); print($2)"; }
+
 start_engine() { # ns name tun addr key peer-spec logfile
   ip netns exec "$1" "$BIN" run --private-key "$4" --address "$3" --network 10.77.0.0/16 --listen-port $PORT \
     --interface "$2" --peer "$5" --status-file "$TMP/$2.json" ${ENGINE_ARGS:-} >"$6" 2>&1 &
@@ -112,8 +132,9 @@ KA=$("$BIN" genkey); KB=$("$BIN" genkey)
 PA=$("$BIN" pubkey "$KA"); PB=$("$BIN" pubkey "$KB")
 
 echo "== meshd <-> meshd"
-start_engine "$NA" "$TA" "$OA" "$KA" "$PB,$OB/32,$UB:$PORT" "$TMP/a.log"
-start_engine "$NB" "$TB" "$OB" "$KB" "$PA,$OA/32,$UA:$PORT" "$TMP/b.log"
+start_engine "$NA" "$TA" "$OA" "$KA" "$PB,$OB/32,$DEAD:$PORT+$UB:$PORT" "$TMP/a.log"
+start_engine "$NB" "$TB" "$OB" "$KB" "$PA,$OA/32" "$TMP/b.log"
+wait_ping "$NA" "$OB" 20 "handshake rotated past a dead candidate; B had no endpoint for A"
 check_ping "$NA" "$OB" "meshd->meshd"
 check_ping "$NB" "$OA" "meshd->meshd (reverse)"
 check_tcp "$NA" "$OB" "$NB" "meshd->meshd"
@@ -129,6 +150,42 @@ for path in sys.argv[1:]:
     assert p["last_handshake"] is not None and p["rx_bytes"] > 0 and p["tx_bytes"] > 0
     assert c["spoofed_source_packets"] == 0 and c["malformed_datagrams"] == 0 and c["rejected_datagrams"] <= 2
 PY
+
+if [ -x "$FLOOD" ]; then
+  inb "$FLOOD" "$UA:$PORT" "$PA" 3000 3 >"$TMP/flood.out" 2>&1 &
+  flood=$!; PIDS+=("$flood")
+  sleep 0.5
+  check_ping "$NA" "$OB" "ping during a handshake flood"
+  wait "$flood" || true
+  sleep 1.2
+  cookies=$(status_field "$TMP/$TA.json" 's["counters"]["cookie_replies_sent"]')
+  if [ "$cookies" -gt 0 ]; then pass "flood answered with cookies: $(cat "$TMP/flood.out"); engine counted $cookies"; else fail "no cookie replies under a flood: $(cat "$TMP/flood.out")"; fi
+fi
+
+kill -USR1 "${PIDS[0]}"; sleep 1.5
+if ina ping -c 3 -i 0.2 -W 1 "$OB" >/dev/null 2>&1 || inb ping -c 3 -i 0.2 -W 1 "$OA" >/dev/null 2>&1; then
+  fail "traffic still flows 1.5 s after A removed B"
+else
+  pass "peer removal: no traffic either way 1.5 s after the reconfigure"
+fi
+kill -USR2 "${PIDS[0]}"
+wait_ping "$NA" "$OB" 15 "peer re-added: traffic flows again"
+
+# Roaming: B's underlay address changes; B keeps sending to A, A must follow B to the new address.
+# (Delete first: removing a primary address also removes its secondaries.)
+inb ip addr del "$UB/24" dev "$VB"; inb ip addr add 198.18.0.3/24 dev "$VB"; UB=198.18.0.3
+wait_ping "$NB" "$OA" 10 "after B moved to $UB, B reaches A"
+check_ping "$NA" "$OB" "after B moved, A reaches B"
+sleep 1.2
+ep=$(status_field "$TMP/$TA.json" 's["peers"][0]["endpoint"]')
+if [ "$ep" = "$UB:$PORT" ]; then pass "roaming: A's endpoint for B is now $ep"; else fail "roaming: A's endpoint for B is $ep"; fi
+
+if [ "${LONG_PING_SECONDS:-0}" -gt 0 ]; then
+  n=$((LONG_PING_SECONDS * 5))
+  out=$(ina ping -c "$n" -i 0.2 -W 2 "$OB" 2>&1 | tail -2 | head -1)
+  got=$(echo "$out" | sed -n 's/.* \([0-9]*\) received.*/\1/p')
+  if [ "${got:-0}" -ge $((n * 99 / 100)) ]; then pass "long ping across rekey: $out"; else fail "long ping: $out"; fi
+fi
 
 if [ "${SKIP_INTEROP:-0}" != 1 ] && command -v wireguard-go >/dev/null && command -v wg >/dev/null; then
   echo "== meshd <-> wireguard-go"

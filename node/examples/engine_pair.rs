@@ -9,7 +9,8 @@
 //!     [--no-offload] [--status-every 5] [--status-file PATH]
 //! ```
 //! A `--peer` is `PUBLIC_KEY,ALLOWED_IP[+ALLOWED_IP...][,ENDPOINT[+ENDPOINT...]]`; without an endpoint the engine
-//! waits for that peer to send first. Runs until SIGINT/SIGTERM, then shuts the engine down (the device disappears).
+//! waits for that peer to send first. SIGUSR1 removes every peer (reconfigure with an empty list), SIGUSR2 puts them
+//! back. Runs until SIGINT/SIGTERM, then shuts the engine down (the device disappears).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -148,7 +149,7 @@ async fn run(args: RunArgs) -> Result<()> {
     )
     .await
     .context("starting the engine")?;
-    engine.reconfigure(peers);
+    engine.reconfigure(peers.clone());
     eprintln!(
         "engine up: interface {} port {} offload {}",
         args.interface,
@@ -156,13 +157,24 @@ async fn run(args: RunArgs) -> Result<()> {
         engine.tun_offload()
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut remove_all = signal(SignalKind::user_defined1())?;
+    let mut restore = signal(SignalKind::user_defined2())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut seconds = 0u64;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = remove_all.recv() => {
+                engine.reconfigure(Vec::new());
+                eprintln!("all peers removed");
+            }
+            _ = restore.recv() => {
+                engine.reconfigure(peers.clone());
+                eprintln!("peers restored");
+            }
             _ = tick.tick() => {
                 seconds += 1;
                 let status = serde_json::to_string(&engine.status())?;
