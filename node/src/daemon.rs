@@ -89,6 +89,8 @@ pub enum DaemonError {
         dir: String,
         expected: meshd_protocol::PublicKey,
     },
+    #[error("{0}")]
+    Preflight(String),
     #[error(
         "this node was removed from the network by an admin (the coordinator no longer accepts its credential); its peers, cached map and identity were deleted. To join again, get a new token and run `sudo meshd join <token>`"
     )]
@@ -258,30 +260,29 @@ impl ControlLoop {
             want_full = false;
             match self.client.open_map(&self.credential, since).await {
                 Ok(mut stream) => {
+                    // Connected: a resumed stream with nothing missed stays silent until the next change.
                     tracing::debug!(url = %self.client.base_url(), ?since, "map stream open");
+                    self.agent.set_phase(Phase::Running);
+                    backoff.reset();
                     loop {
                         match stream.next().await {
                             None => {
                                 tracing::warn!("the coordinator closed the map stream; reconnecting");
                                 break;
                             }
-                            Some(Ok(message)) => {
-                                self.agent.set_phase(Phase::Running);
-                                backoff.reset();
-                                match self.agent.apply(message) {
-                                    Ok(Some(map)) => {
-                                        if let Err(e) = self.cache.store(&map) {
-                                            tracing::warn!("{e}");
-                                        }
-                                    }
-                                    Ok(None) => {}
-                                    Err(e) => {
-                                        tracing::warn!("{e}; asking the coordinator for a full map");
-                                        want_full = true;
-                                        break;
+                            Some(Ok(message)) => match self.agent.apply(message) {
+                                Ok(Some(map)) => {
+                                    if let Err(e) = self.cache.store(&map) {
+                                        tracing::warn!("{e}");
                                     }
                                 }
-                            }
+                                Ok(None) => {}
+                                Err(e) => {
+                                    tracing::warn!("{e}; asking the coordinator for a full map");
+                                    want_full = true;
+                                    break;
+                                }
+                            },
                             Some(Err(ControlError::Unauthorized { .. })) => return StopReason::Removed,
                             Some(Err(e)) => {
                                 tracing::warn!("map stream broke: {e}");
@@ -355,6 +356,31 @@ async fn report_endpoints(
     }
 }
 
+/// Capability bit of CAP_NET_ADMIN (linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+
+/// Checks what creating the TUN device needs, before enrolling (so a join without root wastes no token use).
+pub fn preflight() -> Result<(), DaemonError> {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Err(DaemonError::Preflight(
+            "/dev/net/tun does not exist: load the tun module (`sudo modprobe tun`), or in a container pass the device (--device /dev/net/tun)".into(),
+        ));
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
+    if let Some(caps) = effective
+        && caps & (1 << CAP_NET_ADMIN) == 0
+    {
+        return Err(DaemonError::Preflight(
+            "creating the mesh interface needs root or CAP_NET_ADMIN: run it with sudo".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Hostname to ask for when `--hostname` is absent.
 fn default_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -416,6 +442,9 @@ pub async fn join(
     hostname: Option<String>,
     args: RunArgs,
 ) -> Result<(), DaemonError> {
+    // A mistyped token is reported before anything is created.
+    JoinToken::parse(token_text)?;
+    preflight()?;
     state.ensure()?;
     let lock = ctl::lock_state_dir(&state)?;
     enrol(&state, token_text, hostname).await?;
@@ -425,6 +454,7 @@ pub async fn join(
 /// `meshd up`: run from the saved identity until stopped.
 pub async fn up(state: StateDir, args: RunArgs) -> Result<(), DaemonError> {
     state.load_identity()?;
+    preflight()?;
     let lock = ctl::lock_state_dir(&state)?;
     run(state, args, lock).await
 }
@@ -523,4 +553,134 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineCounters;
+    use meshd_protocol::{MapNode, PublicKey};
+    use std::net::Ipv4Addr;
+
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<Vec<PeerConfig>>>,
+    }
+
+    impl DataPlane for Recorder {
+        fn reconfigure(&self, peers: Vec<PeerConfig>) {
+            self.calls.lock().expect("lock").push(peers);
+        }
+        fn status(&self) -> EngineStatus {
+            EngineStatus {
+                interface: "t0".into(),
+                listen_port: 1,
+                peers: vec![],
+                counters: EngineCounters::default(),
+            }
+        }
+        fn listen_port(&self) -> u16 {
+            1
+        }
+    }
+
+    fn node(id: i64) -> MapNode {
+        MapNode {
+            id,
+            name: format!("n{id}"),
+            ip: Ipv4Addr::new(10, 77, 0, id as u8),
+            public_key: PublicKey::from_bytes([id as u8; 32]),
+            endpoints: vec![],
+            online: true,
+            last_seen: None,
+            tags: vec![],
+        }
+    }
+
+    fn agent() -> (AgentState, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let identity = Identity {
+            node_id: 1,
+            name: "n1".into(),
+            ip: Ipv4Addr::new(10, 77, 0, 1),
+            network: "10.77.0.0/16".parse().expect("cidr"),
+            coordinator_url: "http://127.0.0.1:1".into(),
+            fingerprint: None,
+            tags: vec![],
+            public_key: PublicKey::from_bytes([1; 32]),
+        };
+        (AgentState::new(identity, "t0".into(), recorder.clone()), recorder)
+    }
+
+    fn names(calls: &[Vec<PeerConfig>], i: usize) -> Vec<String> {
+        calls[i].iter().map(|p| p.name.clone()).collect()
+    }
+
+    #[test]
+    fn map_messages_drive_the_data_plane() {
+        let (agent, recorder) = agent();
+        let full = NetworkMap {
+            version: 3,
+            network: "10.77.0.0/16".parse().expect("cidr"),
+            self_node: node(1),
+            peers: vec![node(2)],
+        };
+        assert!(
+            agent
+                .apply(MapMessage::PeerAdded {
+                    version: 4,
+                    peer: node(3)
+                })
+                .is_err(),
+            "no base yet"
+        );
+        assert!(
+            agent
+                .apply(MapMessage::Full { map: full.clone() })
+                .expect("full")
+                .is_some()
+        );
+        assert_eq!(agent.map_version(), Some(3));
+        // The same full map again (a reconnect) changes nothing and does not touch the data plane.
+        assert!(agent.apply(MapMessage::Full { map: full }).expect("same").is_none());
+        let changed = agent
+            .apply(MapMessage::PeerAdded {
+                version: 4,
+                peer: node(3),
+            })
+            .expect("add");
+        assert_eq!(changed.expect("changed").version, 4);
+        // A replayed delta is ignored.
+        assert!(
+            agent
+                .apply(MapMessage::PeerRemoved { version: 4, id: 3 })
+                .expect("replay")
+                .is_none()
+        );
+        agent
+            .apply(MapMessage::PeerRemoved { version: 5, id: 2 })
+            .expect("remove");
+        let calls = recorder.calls.lock().expect("lock").clone();
+        assert_eq!(calls.len(), 3);
+        assert_eq!(names(&calls, 0), ["n2"]);
+        assert_eq!(names(&calls, 1), ["n2", "n3"]);
+        assert_eq!(names(&calls, 2), ["n3"]);
+
+        agent.clear();
+        assert!(agent.map().is_none());
+        assert!(
+            recorder.calls.lock().expect("lock").last().expect("call").is_empty(),
+            "removal clears peers"
+        );
+    }
+
+    #[test]
+    fn exit_codes_tell_scripts_when_restarting_cannot_help() {
+        assert_eq!(DaemonError::Removed.exit_code(), 4);
+        assert_eq!(
+            DaemonError::State(StateError::NotJoined { path: "x".into() }).exit_code(),
+            4
+        );
+        assert_eq!(DaemonError::Preflight("x".into()).exit_code(), 1);
+    }
 }

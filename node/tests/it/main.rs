@@ -1,0 +1,10 @@
+//! Integration tests of the node agent against the real coordinator, without root and without a TUN device.
+//!
+//! One test binary (link time) with modules: [`harness`] spawns `meshd-coordinator` on 127.0.0.1 and drives agents
+//! whose data plane is a fake; [`agent`] checks join, map following, resume, degraded mode and removal;
+//! [`errors`] checks what a person sees when something is wrong; [`cli`] runs the `meshd` binary itself.
+
+mod agent;
+mod cli;
+mod errors;
+mod harness;
