@@ -76,6 +76,7 @@ pub async fn run(
     store.reset_presence().await?;
     if guessed {
         tracing::warn!(url = %public_url, "no --public-url given; guessed from this host (nodes must reach it)");
+        println!("Nodes will reach this coordinator at {public_url} (guessed; if that is wrong, pass --public-url).");
     }
     tracing::info!(
         listen = %local, url = %public_url, network = %config.network,

@@ -1,0 +1,86 @@
+//! Plain WireGuard devices registered by an admin, and their wg-quick configs.
+
+use std::time::Duration;
+
+use meshd_protocol::MapMessage;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::both_backends;
+use crate::harness::{Backend, Coord, TestDb, error_code, key};
+
+both_backends! {
+    register_device_and_download_config => register_device_and_download_config;
+}
+
+async fn register_device_and_download_config(backend: Backend) {
+    let db = TestDb::new(&backend).await;
+    let c = Coord::start(&db).await;
+    let token = c.token(json!({"reusable": true})).await;
+    let a = c.join(&token, &key(1), "server").await;
+    let b = c.join(&token, &key(2), "laptop").await;
+    let r = c.client.put(c.url("/api/v1/node/endpoints")).bearer_auth(&a.credential)
+        .json(&json!({"endpoints": ["198.18.0.10:51820", "198.18.5.5:40000"]})).send().await.expect("send");
+    assert_eq!(r.status(), 204);
+    let mut sb = c.stream(&b.credential, None, None).await;
+    let _ = sb.next(Duration::from_secs(5)).await;
+
+    let phone_key = key(77);
+    let r = c
+        .admin(Method::POST, "/api/v1/nodes")
+        .json(&json!({"name": "alice-phone", "public_key": phone_key.to_string(), "tags": ["phone"]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 201);
+    let phone: Value = r.json().await.expect("json");
+    assert_eq!(phone["kind"], "wireguard");
+    assert_eq!(phone["ip"], "10.77.0.4");
+    assert_eq!(phone["endpoints"], json!([]));
+    let phone_id = phone["id"].as_i64().expect("id");
+
+    // Meshd nodes see it as a peer.
+    let m = sb.until(Duration::from_secs(5), |m| matches!(m, MapMessage::PeerAdded { .. })).await;
+    assert!(matches!(&m, MapMessage::PeerAdded { peer, .. } if peer.id == phone_id && peer.public_key == phone_key && peer.endpoints.is_empty()));
+
+    // Conflicts and validation.
+    let r = c.admin(Method::POST, "/api/v1/nodes").json(&json!({"name": "other", "public_key": phone_key.to_string()})).send().await.expect("send");
+    assert_eq!(error_code(r).await, (409, "conflict".into()));
+    let r = c.admin(Method::POST, "/api/v1/nodes").json(&json!({"name": "server", "public_key": key(78).to_string()})).send().await.expect("send");
+    assert_eq!(error_code(r).await, (409, "conflict".into()));
+    let r = c.admin(Method::POST, "/api/v1/nodes").json(&json!({"name": "Bad Name", "public_key": key(78).to_string()})).send().await.expect("send");
+    assert_eq!(error_code(r).await, (400, "bad_request".into()));
+    let r = c.admin(Method::POST, "/api/v1/nodes").json(&json!({"name": "ok", "public_key": "short"})).send().await.expect("send");
+    assert_eq!(error_code(r).await, (400, "bad_request".into()));
+
+    // The config.
+    let r = c.admin(Method::GET, &format!("/api/v1/nodes/{phone_id}/wireguard-config")).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().expect("ct").starts_with("text/plain"));
+    let text = r.text().await.expect("text");
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    assert_eq!(lines[0], "[Interface]");
+    assert!(lines.contains(&"Address = 10.77.0.4/32"));
+    let private = lines.iter().find(|l| l.starts_with("PrivateKey = ")).expect("PrivateKey line");
+    assert_eq!(*private, format!("PrivateKey = {}", meshd_coordinator::wgconfig::PRIVATE_KEY_PLACEHOLDER));
+    let peers: Vec<&str> = text.split("[Peer]").skip(1).collect();
+    assert_eq!(peers.len(), 2, "one peer per meshd node");
+    let server = peers.iter().find(|p| p.contains(&key(1).to_string())).expect("server peer");
+    assert!(server.contains("AllowedIPs = 10.77.0.2/32"));
+    assert!(server.contains("Endpoint = 198.18.0.10:51820"), "first reported endpoint");
+    assert!(!server.contains("198.18.5.5"));
+    assert!(server.contains("PersistentKeepalive = 25"));
+    let laptop = peers.iter().find(|p| p.contains(&key(2).to_string())).expect("laptop peer");
+    assert!(laptop.contains("AllowedIPs = 10.77.0.3/32"));
+    assert!(!laptop.contains("Endpoint"), "no endpoint reported: no Endpoint line");
+
+    let r = c.admin(Method::GET, "/api/v1/nodes/9999/wireguard-config").send().await.expect("send");
+    assert_eq!(error_code(r).await, (404, "not_found".into()));
+    let r = c.client.get(c.url(&format!("/api/v1/nodes/{phone_id}/wireguard-config"))).send().await.expect("send");
+    assert_eq!(r.status(), 401);
+
+    // The device's key can later join with meshd: same node and address.
+    let j = c.join(&token, &phone_key, "phone").await;
+    assert_eq!((j.node_id, j.ip.to_string().as_str()), (phone_id, "10.77.0.4"));
+    c.stop().await;
+}
