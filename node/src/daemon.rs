@@ -26,6 +26,10 @@ use crate::keys::{KeyFileError, NodeKey};
 use crate::reconcile;
 use crate::state::{Identity, StateDir, StateError};
 
+/// A streak of failed reconnects is logged on its first attempt and then every this many attempts (about every
+/// five minutes once the backoff is at its cap).
+const FAILURE_LOG_EVERY: u32 = 10;
+
 /// How often local addresses are checked for changes (and a failed report retried).
 const ENDPOINT_POLL_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -53,7 +57,7 @@ impl DataPlane for Engine {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
-    /// Enrolling with a token.
+    /// Starting: enrolling with a token, or not yet connected to the coordinator since `meshd up`.
     Joining,
     /// Following the coordinator's map stream.
     Running,
@@ -241,6 +245,8 @@ impl ControlLoop {
             () = removed.cancelled() => StopReason::Removed,
         };
         reporter.abort();
+        // Wait for the abort to land: the reporter holds the agent (and so the data plane) until it is dropped.
+        let _ = reporter.await;
         if reason == StopReason::Removed {
             tracing::error!("the coordinator no longer accepts this node's credential: it was removed by an admin");
             self.agent.clear();
@@ -255,6 +261,9 @@ impl ControlLoop {
     async fn follow_map(&self, removed: &CancellationToken) -> StopReason {
         let mut backoff = Backoff::new();
         let mut want_full = false;
+        // Failures since the last successful connection: the first of a streak is a warning, the rest are
+        // repeated only every `FAILURE_LOG_EVERY` attempts so that a long outage does not flood the log.
+        let mut failures: u32 = 0;
         loop {
             let since = if want_full { None } else { self.agent.map_version() };
             want_full = false;
@@ -264,6 +273,10 @@ impl ControlLoop {
                     tracing::debug!(url = %self.client.base_url(), ?since, "map stream open");
                     self.agent.set_phase(Phase::Running);
                     backoff.reset();
+                    if failures > 0 {
+                        tracing::info!(attempts = failures + 1, "reconnected to the coordinator");
+                    }
+                    failures = 0;
                     loop {
                         match stream.next().await {
                             None => {
@@ -292,10 +305,18 @@ impl ControlLoop {
                     }
                 }
                 Err(ControlError::Unauthorized { .. }) => return StopReason::Removed,
-                Err(e) if e.is_transient() => {
-                    tracing::warn!("{e}; the mesh keeps running from the last map");
+                Err(e) => {
+                    failures += 1;
+                    if failures % FAILURE_LOG_EVERY == 1 {
+                        if e.is_transient() {
+                            tracing::warn!(attempt = failures, "{e}; the mesh keeps running from the last map");
+                        } else {
+                            tracing::error!(attempt = failures, "{e}; the mesh keeps running from the last map");
+                        }
+                    } else {
+                        tracing::debug!(attempt = failures, "{e}");
+                    }
                 }
-                Err(e) => tracing::error!("{e}; the mesh keeps running from the last map"),
             }
             if removed.is_cancelled() {
                 return StopReason::Removed;
