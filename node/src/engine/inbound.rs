@@ -98,13 +98,13 @@ impl Inbound {
         if self.replies.needs_flush() {
             self.flush_replies().await;
         }
-        let shared = Arc::clone(&self.shared);
-        let counters = &shared.counters;
         let mut cookie = [0u8; MIN_REPLY_BUFFER];
-        let packet = match shared
+        let verified = self
+            .shared
             .rate_limiter
-            .verify_packet(Some(source.ip()), datagram, &mut cookie)
-        {
+            .verify_packet(Some(source.ip()), datagram, &mut cookie);
+        let counters = &self.shared.counters;
+        let packet = match verified {
             Ok(packet) => packet,
             Err(TunnResult::WriteToNetwork(reply)) => {
                 bump(&counters.cookie_replies_sent);
@@ -114,8 +114,8 @@ impl Inbound {
             Err(TunnResult::Err(WireGuardError::InvalidPacket)) => return bump(&counters.malformed_datagrams),
             Err(_) => return bump(&counters.rejected_datagrams),
         };
-        let Some(peer) = peer_for(table, &packet, &shared.private_key, &shared.public_key) else {
-            return bump(&counters.unknown_peer_datagrams);
+        let Some(peer) = peer_for(table, &packet, &self.shared.private_key, &self.shared.public_key) else {
+            return bump(&self.shared.counters.unknown_peer_datagrams);
         };
         if self.decapsulate(table, peer, datagram, source, now) {
             self.flush_queue(peer, now).await;
