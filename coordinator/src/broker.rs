@@ -9,6 +9,7 @@
 //!   this task `LISTEN`s, so a change committed by another replica reaches the streams here;
 //! - a slow poll ([`POLL_INTERVAL`]) catches anything else: a `meshd-coordinator` CLI command writing to SQLite,
 //!   a notification lost while the listener reconnected.
+//!
 //! Versions are read in commit order (see `store` on why), so "everything after the last version seen" misses nothing.
 //! A stream that falls behind by more than [`CHANNEL_CAPACITY`] events gets `Lagged` and resyncs with a full map
 //! rather than slowing the others. The task also prunes the change log to the newest `keep` entries.
@@ -41,16 +42,25 @@ pub struct Broker {
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("seen", &self.seen.load(Ordering::Relaxed)).finish()
+        f.debug_struct("Broker")
+            .field("seen", &self.seen.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
 impl Broker {
     /// Starts the broker task (and on PostgreSQL its listener); both stop with `shutdown`.
-    pub async fn start(store: Store, keep_changes: u64, shutdown: CancellationToken) -> crate::store::Result<Arc<Self>> {
+    pub async fn start(
+        store: Store,
+        keep_changes: u64,
+        shutdown: CancellationToken,
+    ) -> crate::store::Result<Arc<Self>> {
         let (tx, _) = broadcast::channel(CHANNEL_CAPACITY);
         let start = store.current_version().await?;
-        let broker = Arc::new(Self { tx, seen: AtomicU64::new(start) });
+        let broker = Arc::new(Self {
+            tx,
+            seen: AtomicU64::new(start),
+        });
         let wake = store.change_notify();
         if store.backend() == Backend::Postgres {
             tokio::spawn(listen_postgres(store.url().to_string(), wake.clone(), shutdown.clone()));

@@ -62,7 +62,14 @@ pub async fn token(storage: &StorageConfig, command: TokenCommand) -> anyhow::Re
                     None => format!("{}/-", t.uses),
                 };
                 let expires = t.expires_at.map_or_else(|| "never".to_string(), fmt_time);
-                println!("{:<14} {:<9} {:<9} {:<22} {}", t.id, t.state(now), uses, expires, t.tags.join(","));
+                println!(
+                    "{:<14} {:<9} {:<9} {:<22} {}",
+                    t.id,
+                    t.state(now),
+                    uses,
+                    expires,
+                    t.tags.join(",")
+                );
             }
         }
         TokenCommand::Revoke { id } => match store.revoke_token(ACTOR, &id).await {
@@ -95,13 +102,22 @@ async fn create_token(storage: &StorageConfig, store: &Store, args: TokenCreateA
         None => None,
     };
     let options = TokenOptions::new(args.reusable, args.uses, args.expires, args.tags);
-    let (token, record) = ops::issue_token(store, ACTOR, &url, fingerprint, options).await.map_err(|e| match e {
-        ops::IssueError::Invalid(m) => anyhow::anyhow!(m),
-        ops::IssueError::Store(e) => e.into(),
-    })?;
-    let uses = record.max_uses.map_or_else(|| "unlimited uses".to_string(), |n| format!("{n} use(s)"));
-    let expires = record.expires_at.map_or_else(|| "never expires".to_string(), |t| format!("expires {}", fmt_time(t)));
-    println!("Join token {} for {url}: {uses}, {expires}. On each machine run: meshd join <token>", record.id);
+    let (token, record) = ops::issue_token(store, ACTOR, &url, fingerprint, options)
+        .await
+        .map_err(|e| match e {
+            ops::IssueError::Invalid(m) => anyhow::anyhow!(m),
+            ops::IssueError::Store(e) => e.into(),
+        })?;
+    let uses = record
+        .max_uses
+        .map_or_else(|| "unlimited uses".to_string(), |n| format!("{n} use(s)"));
+    let expires = record
+        .expires_at
+        .map_or_else(|| "never expires".to_string(), |t| format!("expires {}", fmt_time(t)));
+    println!(
+        "Join token {} for {url}: {uses}, {expires}. On each machine run: meshd join <token>",
+        record.id
+    );
     println!("{token}");
     Ok(())
 }
@@ -110,7 +126,10 @@ pub async fn node(storage: &StorageConfig, command: NodeCommand) -> anyhow::Resu
     let store = open(storage).await?;
     match command {
         NodeCommand::List => {
-            println!("{:<6} {:<24} {:<16} {:<8} {:<10} {:<22} TAGS", "ID", "NAME", "IP", "ONLINE", "KIND", "LAST SEEN");
+            println!(
+                "{:<6} {:<24} {:<16} {:<8} {:<10} {:<22} TAGS",
+                "ID", "NAME", "IP", "ONLINE", "KIND", "LAST SEEN"
+            );
             for n in store.nodes().await? {
                 let seen = n.last_seen.map_or_else(|| "never".to_string(), fmt_time);
                 println!(

@@ -221,8 +221,11 @@ pub fn load_file(common: &CommonArgs) -> anyhow::Result<FileConfig> {
 }
 
 pub fn storage(common: &CommonArgs, file: &FileConfig) -> StorageConfig {
-    let data_dir =
-        common.data_dir.clone().or_else(|| file.data_dir.clone()).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let data_dir = common
+        .data_dir
+        .clone()
+        .or_else(|| file.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     let database_url = common
         .database_url
         .clone()
@@ -234,7 +237,10 @@ pub fn storage(common: &CommonArgs, file: &FileConfig) -> StorageConfig {
 /// Checks a public URL: `http(s)://host[:port]`, no path; returns it without a trailing `/`.
 pub fn validate_public_url(url: &str) -> anyhow::Result<String> {
     let trimmed = url.trim().trim_end_matches('/');
-    let Some(rest) = trimmed.strip_prefix("https://").or_else(|| trimmed.strip_prefix("http://")) else {
+    let Some(rest) = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"))
+    else {
         bail!("public URL `{url}` must start with https:// or http:// (e.g. https://vpn.example.com:8443)");
     };
     if rest.is_empty() || rest.contains('/') || rest.contains(char::is_whitespace) {
@@ -260,8 +266,13 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
         Some(listen) => listen,
         None => DEFAULT_LISTEN.parse().expect("a valid literal address"),
     };
-    let network = parse_network(args.network.as_deref().or(file.network.as_deref()).unwrap_or(DEFAULT_NETWORK))
-        .context("invalid --network")?;
+    let network = parse_network(
+        args.network
+            .as_deref()
+            .or(file.network.as_deref())
+            .unwrap_or(DEFAULT_NETWORK),
+    )
+    .context("invalid --network")?;
     let public_url = args
         .public_url
         .as_deref()
@@ -277,13 +288,22 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
         (true, _, _) => bail!("--no-tls cannot be combined with --tls-cert/--tls-key: pick one"),
         (false, Some(cert), Some(key)) => TlsMode::Files { cert, key },
         (false, None, None) => TlsMode::SelfSigned,
-        (false, _, _) => bail!("--tls-cert and --tls-key go together: give both, or neither for a self-signed certificate"),
+        (false, _, _) => {
+            bail!("--tls-cert and --tls-key go together: give both, or neither for a self-signed certificate")
+        }
     };
     let keep_changes = args.keep_changes.or(file.keep_changes).unwrap_or(DEFAULT_KEEP_CHANGES);
     if keep_changes == 0 {
         bail!("--keep-changes must be at least 1");
     }
-    Ok(ServeConfig { storage, listen, network, public_url, tls, keep_changes })
+    Ok(ServeConfig {
+        storage,
+        listen,
+        network,
+        public_url,
+        tls,
+        keep_changes,
+    })
 }
 
 #[cfg(test)]
@@ -291,13 +311,20 @@ mod tests {
     use super::*;
 
     fn common() -> CommonArgs {
-        CommonArgs { config: None, data_dir: Some("/tmp/x".into()), database_url: None }
+        CommonArgs {
+            config: None,
+            data_dir: Some("/tmp/x".into()),
+            database_url: None,
+        }
     }
 
     #[test]
     fn defaults_and_precedence() {
         let file: FileConfig = toml::from_str("network = \"10.9.0.0/24\"\nlisten = \"127.0.0.1:9\"").expect("toml");
-        let args = ServeArgs { listen: Some("127.0.0.1:1".parse().expect("addr")), ..Default::default() };
+        let args = ServeArgs {
+            listen: Some("127.0.0.1:1".parse().expect("addr")),
+            ..Default::default()
+        };
         let cfg = serve(&common(), &args, &file).expect("valid");
         assert_eq!(cfg.listen.port(), 1, "flag beats file");
         assert_eq!(cfg.network.to_string(), "10.9.0.0/24", "file beats default");
@@ -307,11 +334,17 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert!(toml::from_str::<FileConfig>("netwrok = \"10.0.0.0/8\"").is_err(), "unknown keys are errors");
+        assert!(
+            toml::from_str::<FileConfig>("netwrok = \"10.0.0.0/8\"").is_err(),
+            "unknown keys are errors"
+        );
         let file: FileConfig = toml::from_str("network = \"10.0.0.0/31\"").expect("toml");
         let err = serve(&common(), &ServeArgs::default(), &file).expect_err("too small");
         assert!(format!("{err:#}").contains("too small"));
-        let args = ServeArgs { network: Some("banana".into()), ..Default::default() };
+        let args = ServeArgs {
+            network: Some("banana".into()),
+            ..Default::default()
+        };
         assert!(serve(&common(), &args, &FileConfig::default()).is_err());
         assert!(validate_public_url("ftp://x").is_err());
         assert!(validate_public_url("https://x/path").is_err());

@@ -104,7 +104,13 @@ mod tests {
     #[test]
     fn validates_networks() {
         assert!(validate_network(net("10.77.0.0/16")).is_ok());
-        assert_eq!(validate_network(net("10.0.0.0/31")), Err(NetworkError::TooSmall(net("10.0.0.0/31"))));
-        assert!(matches!(validate_network(net("10.77.3.0/16")), Err(NetworkError::HostBits(..))));
+        assert_eq!(
+            validate_network(net("10.0.0.0/31")),
+            Err(NetworkError::TooSmall(net("10.0.0.0/31")))
+        );
+        assert!(matches!(
+            validate_network(net("10.77.3.0/16")),
+            Err(NetworkError::HostBits(..))
+        ));
     }
 }

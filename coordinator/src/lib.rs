@@ -72,7 +72,12 @@ pub async fn run(
     let tls_files = tls::prepare(&config.tls, &config.storage.data_dir, &[host])?;
     let fingerprint = tls_files.as_ref().map(|t| t.fingerprint);
     store.set_setting(settings_keys::PUBLIC_URL, &public_url).await?;
-    store.set_setting(settings_keys::CERT_FINGERPRINT, &fingerprint.map(|f| f.to_hex()).unwrap_or_default()).await?;
+    store
+        .set_setting(
+            settings_keys::CERT_FINGERPRINT,
+            &fingerprint.map(|f| f.to_hex()).unwrap_or_default(),
+        )
+        .await?;
     store.reset_presence().await?;
     if guessed {
         tracing::warn!(url = %public_url, "no --public-url given; guessed from this host (nodes must reach it)");
@@ -108,12 +113,21 @@ pub async fn run(
     let served = match tls_files {
         None => {
             let listener = tokio::net::TcpListener::from_std(listener).context("registering the listener")?;
-            axum::serve(listener, app).with_graceful_shutdown(on_shutdown).await.context("serving HTTP")
+            axum::serve(listener, app)
+                .with_graceful_shutdown(on_shutdown)
+                .await
+                .context("serving HTTP")
         }
         Some(files) => {
             let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&files.cert, &files.key)
                 .await
-                .with_context(|| format!("loading TLS certificate {} and key {}", files.cert.display(), files.key.display()))?;
+                .with_context(|| {
+                    format!(
+                        "loading TLS certificate {} and key {}",
+                        files.cert.display(),
+                        files.key.display()
+                    )
+                })?;
             let handle = axum_server::Handle::new();
             let stopper = handle.clone();
             tokio::spawn(async move {
@@ -138,7 +152,10 @@ pub async fn run(
 async fn check_network(store: &Store, network: ipnet::Ipv4Net) -> anyhow::Result<()> {
     let outside = store.nodes_outside(network).await?;
     if let Some((name, ip)) = outside.first() {
-        let previous = store.setting(settings_keys::NETWORK).await?.unwrap_or_else(|| "another network".into());
+        let previous = store
+            .setting(settings_keys::NETWORK)
+            .await?
+            .unwrap_or_else(|| "another network".into());
         bail!(
             "{} node(s) have addresses outside --network {network} (e.g. `{name}` has {ip}); they were allocated \
              from {previous}: start with --network {previous}, or delete those nodes first",

@@ -22,7 +22,10 @@ async fn main() -> anyhow::Result<()> {
             let file = config::load_file(&args.common)?;
             let config = config::serve(&args.common, &serve, &file)?;
             let listener = TcpListener::bind(config.listen).with_context(|| {
-                format!("listening on {} (is another coordinator running? choose another with --listen)", config.listen)
+                format!(
+                    "listening on {} (is another coordinator running? choose another with --listen)",
+                    config.listen
+                )
             })?;
             run(config, listener, shutdown_signal()).await
         }

@@ -17,7 +17,11 @@ pub fn sanitize(hostname: &str) -> String {
     let first_label = hostname.trim().split('.').next().unwrap_or_default();
     for c in first_label.chars() {
         let c = c.to_ascii_lowercase();
-        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' };
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
         if c == '-' && (out.is_empty() || out.ends_with('-')) {
             continue;
         }
@@ -37,7 +41,10 @@ pub fn validate(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(format!("a name must be 1 to {MAX_NAME_LEN} characters long"));
     }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return Err(format!(
             "`{name}` is not DNS-safe: use lowercase letters, digits and `-` only (e.g. `{}`)",
             sanitize(name)
@@ -78,7 +85,9 @@ pub fn validate_tags(tags: &[String]) -> Result<(), String> {
     for tag in tags {
         let ok = !tag.is_empty()
             && tag.len() <= MAX_TAG_LEN
-            && tag.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b':' | b'.'));
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b':' | b'.'));
         if !ok {
             return Err(format!(
                 "tag `{tag}` is not valid: use 1 to {MAX_TAG_LEN} letters, digits or `-_:.` (e.g. `gpu`, `team:ml`)"

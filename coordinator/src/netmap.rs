@@ -32,7 +32,12 @@ pub fn full_map(version: u64, network: Ipv4Net, self_id: NodeId, nodes: &[Node])
     let self_node = nodes.iter().find(|n| n.id == self_id).map(map_node)?;
     let mut peers: Vec<MapNode> = nodes.iter().filter(|n| n.id != self_id).map(map_node).collect();
     peers.sort_by_key(|p| p.id);
-    Some(NetworkMap { version, network, self_node, peers })
+    Some(NetworkMap {
+        version,
+        network,
+        self_node,
+        peers,
+    })
 }
 
 /// A change, serialized once for every stream.
@@ -52,10 +57,19 @@ impl ChangeEvent {
     pub fn new(change: &ChangeRecord) -> Self {
         let version = change.version;
         let (peer_msg, self_msg) = match &change.node {
-            None => (MapMessage::PeerRemoved { version, id: change.node_id }, None),
+            None => (
+                MapMessage::PeerRemoved {
+                    version,
+                    id: change.node_id,
+                },
+                None,
+            ),
             Some(node) => {
                 let peer = map_node(node);
-                let self_msg = MapMessage::SelfChanged { version, node: peer.clone() };
+                let self_msg = MapMessage::SelfChanged {
+                    version,
+                    node: peer.clone(),
+                };
                 let peer_msg = if change.kind == ChangeKind::Added {
                     MapMessage::PeerAdded { version, peer }
                 } else {
@@ -75,12 +89,18 @@ impl ChangeEvent {
 
     /// The bytes for the stream of `viewer`, `None` when the viewer itself was removed (its stream ends).
     pub fn for_viewer(&self, viewer: NodeId) -> Option<&Arc<str>> {
-        if viewer == self.node_id { self.self_json.as_ref() } else { Some(&self.peer_json) }
+        if viewer == self.node_id {
+            self.self_json.as_ref()
+        } else {
+            Some(&self.peer_json)
+        }
     }
 }
 
 pub fn to_json(message: &MapMessage) -> Arc<str> {
-    serde_json::to_string(message).expect("map messages are plain data and always serialize").into()
+    serde_json::to_string(message)
+        .expect("map messages are plain data and always serialize")
+        .into()
 }
 
 #[cfg(test)]
@@ -116,13 +136,27 @@ mod tests {
 
     #[test]
     fn events_pick_the_right_message() {
-        let added = ChangeEvent::new(&ChangeRecord { version: 5, node_id: 1, kind: ChangeKind::Added, node: Some(node(1)) });
+        let added = ChangeEvent::new(&ChangeRecord {
+            version: 5,
+            node_id: 1,
+            kind: ChangeKind::Added,
+            node: Some(node(1)),
+        });
         assert!(added.peer_json.contains("\"peer_added\""));
         assert!(added.for_viewer(1).expect("self").contains("\"self_changed\""));
-        let changed =
-            ChangeEvent::new(&ChangeRecord { version: 6, node_id: 1, kind: ChangeKind::Online, node: Some(node(1)) });
+        let changed = ChangeEvent::new(&ChangeRecord {
+            version: 6,
+            node_id: 1,
+            kind: ChangeKind::Online,
+            node: Some(node(1)),
+        });
         assert!(changed.for_viewer(2).expect("peer").contains("\"peer_changed\""));
-        let removed = ChangeEvent::new(&ChangeRecord { version: 7, node_id: 1, kind: ChangeKind::Removed, node: None });
+        let removed = ChangeEvent::new(&ChangeRecord {
+            version: 7,
+            node_id: 1,
+            kind: ChangeKind::Removed,
+            node: None,
+        });
         assert_eq!(&*removed.peer_json, r#"{"type":"peer_removed","version":7,"id":1}"#);
         assert!(removed.for_viewer(1).is_none());
         assert!(!removed.node_exists);

@@ -24,7 +24,11 @@ impl TokenOptions {
     /// From the user-facing switches: single-use unless `reusable` or `uses`.
     pub fn new(reusable: bool, uses: Option<u32>, expires_in: Option<Duration>, tags: Vec<String>) -> Self {
         let max_uses = if reusable { None } else { Some(uses.unwrap_or(1)) };
-        Self { max_uses, expires_in, tags: naming::normalize_tags(tags) }
+        Self {
+            max_uses,
+            expires_in,
+            tags: naming::normalize_tags(tags),
+        }
     }
 }
 

@@ -61,7 +61,11 @@ pub fn new_api_key() -> Issued {
     let id = random_id();
     let secret = random_secret();
     let text = format!("{API_KEY_PREFIX}{id}_{}", URL_SAFE_NO_PAD.encode(secret));
-    Issued { id, text, hash_hex: hash_hex(&secret) }
+    Issued {
+        id,
+        text,
+        hash_hex: hash_hex(&secret),
+    }
 }
 
 /// The secret half of a node credential. The stored hash covers only the secret, so it can be computed before the
@@ -75,12 +79,18 @@ pub struct NodeSecret {
 impl NodeSecret {
     pub fn generate() -> Self {
         let secret = random_secret();
-        Self { secret, hash_hex: hash_hex(&secret) }
+        Self {
+            secret,
+            hash_hex: hash_hex(&secret),
+        }
     }
 
     /// The bearer credential handed to the node once.
     pub fn credential(&self, node_id: NodeId) -> String {
-        format!("{NODE_CREDENTIAL_PREFIX}{node_id}_{}", URL_SAFE_NO_PAD.encode(self.secret))
+        format!(
+            "{NODE_CREDENTIAL_PREFIX}{node_id}_{}",
+            URL_SAFE_NO_PAD.encode(self.secret)
+        )
     }
 }
 
@@ -104,12 +114,17 @@ fn split(text: &str, prefix: &str) -> Option<(String, [u8; 32])> {
 
 pub fn parse_api_key(text: &str) -> Option<Presented<String>> {
     let (id, hash) = split(text, API_KEY_PREFIX)?;
-    id.bytes().all(|b| b.is_ascii_alphanumeric()).then_some(Presented { id, hash })
+    id.bytes()
+        .all(|b| b.is_ascii_alphanumeric())
+        .then_some(Presented { id, hash })
 }
 
 pub fn parse_node_credential(text: &str) -> Option<Presented<NodeId>> {
     let (id, hash) = split(text, NODE_CREDENTIAL_PREFIX)?;
-    Some(Presented { id: id.parse().ok()?, hash })
+    Some(Presented {
+        id: id.parse().ok()?,
+        hash,
+    })
 }
 
 #[cfg(test)]

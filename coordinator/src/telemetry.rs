@@ -20,7 +20,9 @@ pub const MAP_UPDATES: &str = "meshd_map_updates_sent_total";
 pub const MAP_STREAMS: &str = "meshd_map_streams";
 
 /// Latency buckets in seconds: API calls take milliseconds; a slow database shows up in the upper buckets.
-const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 /// The process-wide recorder's handle (installed on first use).
 pub fn handle() -> PrometheusHandle {

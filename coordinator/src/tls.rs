@@ -41,7 +41,11 @@ pub fn prepare(mode: &TlsMode, data_dir: &Path, hosts: &[String]) -> anyhow::Res
             if !key.exists() {
                 bail!("TLS key file {} does not exist", key.display());
             }
-            Ok(Some(TlsFiles { cert: cert.clone(), key: key.clone(), fingerprint }))
+            Ok(Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                fingerprint,
+            }))
         }
         TlsMode::SelfSigned => {
             let (cert, key) = self_signed_paths(data_dir);
@@ -89,7 +93,8 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
         .mode(mode)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(contents).with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(contents)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -101,10 +106,18 @@ mod tests {
     fn self_signed_certificate_is_kept_and_pinned() {
         install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
-        let first = prepare(&TlsMode::SelfSigned, dir.path(), &["198.18.0.1".into()]).expect("ok").expect("tls");
-        let again = prepare(&TlsMode::SelfSigned, dir.path(), &[]).expect("ok").expect("tls");
+        let first = prepare(&TlsMode::SelfSigned, dir.path(), &["198.18.0.1".into()])
+            .expect("ok")
+            .expect("tls");
+        let again = prepare(&TlsMode::SelfSigned, dir.path(), &[])
+            .expect("ok")
+            .expect("tls");
         assert_eq!(first.fingerprint, again.fingerprint, "kept across starts");
-        let der = CertificateDer::pem_file_iter(&first.cert).expect("pem").next().expect("one").expect("cert");
+        let der = CertificateDer::pem_file_iter(&first.cert)
+            .expect("pem")
+            .next()
+            .expect("one")
+            .expect("cert");
         assert_eq!(CertFingerprint::of_der(der.as_ref()), first.fingerprint);
         assert!(prepare(&TlsMode::Off, dir.path(), &[]).expect("ok").is_none());
     }

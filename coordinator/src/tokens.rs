@@ -106,11 +106,23 @@ mod tests {
         let used = TokenRecord { uses: 1, ..token() };
         assert_eq!(check(&used, 50, false), Err(TokenRejection::UsedUp { max: 1 }));
         assert_eq!(check(&used, 50, true), Ok(()));
-        let revoked = TokenRecord { revoked_at: Some(10), ..token() };
+        let revoked = TokenRecord {
+            revoked_at: Some(10),
+            ..token()
+        };
         assert_eq!(check(&revoked, 50, true), Err(TokenRejection::Revoked { at: 10 }));
-        let unlimited = TokenRecord { max_uses: None, uses: 1000, expires_at: None, ..token() };
+        let unlimited = TokenRecord {
+            max_uses: None,
+            uses: 1000,
+            expires_at: None,
+            ..token()
+        };
         assert_eq!(check(&unlimited, i64::MAX, false), Ok(()));
         assert_eq!(used.state(50), "used_up");
-        assert!(TokenRejection::Expired { at: 0 }.to_string().contains("1970-01-01T00:00:00Z"));
+        assert!(
+            TokenRejection::Expired { at: 0 }
+                .to_string()
+                .contains("1970-01-01T00:00:00Z")
+        );
     }
 }

@@ -22,8 +22,15 @@ pub const PERSISTENT_KEEPALIVE: u32 = 25;
 /// out: they have no known endpoint and could not reach each other anyway).
 pub fn render(device: &Node, network: Ipv4Net, nodes: &[Node]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# wg-quick config for `{}` ({}) in the meshd network {network}.", device.name, device.ip);
-    let _ = writeln!(out, "# Replace the PrivateKey placeholder with this device's own private key: the");
+    let _ = writeln!(
+        out,
+        "# wg-quick config for `{}` ({}) in the meshd network {network}.",
+        device.name, device.ip
+    );
+    let _ = writeln!(
+        out,
+        "# Replace the PrivateKey placeholder with this device's own private key: the"
+    );
     let _ = writeln!(out, "# coordinator only knows the public key {}.", device.public_key);
     let _ = writeln!(out, "[Interface]");
     let _ = writeln!(out, "PrivateKey = {PRIVATE_KEY_PLACEHOLDER}");

@@ -153,7 +153,14 @@ pub struct AuditEntryInfo {
 
 impl From<AuditEntry> for AuditEntryInfo {
     fn from(e: AuditEntry) -> Self {
-        Self { id: e.id, at: e.at, actor: e.actor, action: e.action, target: e.target, detail: e.detail }
+        Self {
+            id: e.id,
+            at: e.at,
+            actor: e.actor,
+            action: e.action,
+            target: e.target,
+            detail: e.detail,
+        }
     }
 }
 
@@ -198,12 +205,23 @@ pub async fn create_token(
         .transpose()
         .map_err(|e| ApiError::bad_request(format!("`expires` must be a duration such as 30m, 24h or 7d: {e}")))?;
     let options = TokenOptions::new(request.reusable, request.uses, expires_in, request.tags);
-    let (token, record) =
-        ops::issue_token(&state.store, &admin.actor(), &state.public_url, state.fingerprint, options)
-            .await
-            .map_err(issue_error)?;
+    let (token, record) = ops::issue_token(
+        &state.store,
+        &admin.actor(),
+        &state.public_url,
+        state.fingerprint,
+        options,
+    )
+    .await
+    .map_err(issue_error)?;
     tracing::info!(token = %record.id, "join token created");
-    Ok((StatusCode::CREATED, Json(CreatedToken { token, info: record.into() })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            token,
+            info: record.into(),
+        }),
+    ))
 }
 
 /// List join tokens.
@@ -236,7 +254,11 @@ pub async fn revoke_token(
     admin: AdminAuth,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.store.revoke_token(&admin.actor(), &id).await.map_err(|e| not_found_as(e, &format!("no token `{id}`")))?;
+    state
+        .store
+        .revoke_token(&admin.actor(), &id)
+        .await
+        .map_err(|e| not_found_as(e, &format!("no token `{id}`")))?;
     tracing::info!(token = %id, "join token revoked");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -291,7 +313,11 @@ pub async fn register_device(
 }
 
 async fn load_node(state: &AppState, id: NodeId) -> Result<Node, ApiError> {
-    state.store.node(id).await?.ok_or_else(|| ApiError::not_found(format!("no node {id}")))
+    state
+        .store
+        .node(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no node {id}")))
 }
 
 /// Get one node.
@@ -340,7 +366,10 @@ pub async fn update_node(
     if let Some(tags) = &request.tags {
         naming::validate_tags(tags).map_err(ApiError::bad_request)?;
     }
-    let update = NodeUpdate { name: request.name, tags: request.tags.map(naming::normalize_tags) };
+    let update = NodeUpdate {
+        name: request.name,
+        tags: request.tags.map(naming::normalize_tags),
+    };
     let node = state
         .store
         .update_node(&admin.actor(), id, update)
@@ -392,11 +421,17 @@ pub async fn wireguard_config(
     ApiPath(id): ApiPath<NodeId>,
 ) -> Result<impl IntoResponse, ApiError> {
     let nodes = state.store.nodes().await?;
-    let device = nodes.iter().find(|n| n.id == id).ok_or_else(|| ApiError::not_found(format!("no node {id}")))?;
+    let device = nodes
+        .iter()
+        .find(|n| n.id == id)
+        .ok_or_else(|| ApiError::not_found(format!("no node {id}")))?;
     let text = wgconfig::render(device, state.network, &nodes);
     let disposition = format!("attachment; filename=\"{}.conf\"", device.name);
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()), (header::CONTENT_DISPOSITION, disposition)],
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
         text,
     ))
 }

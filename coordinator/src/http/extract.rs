@@ -62,7 +62,9 @@ impl FromRequestParts<AppState> for AdminAuth {
         let stored = state.store.api_key_hash(&presented.id).await?;
         match stored {
             Some(hash) if secrets::hash_matches(&presented.hash, &hash) => Ok(Self { key_id: presented.id }),
-            _ => Err(ApiError::unauthorized(format!("unknown or deleted admin API key: {ADMIN_HINT}"))),
+            _ => Err(ApiError::unauthorized(format!(
+                "unknown or deleted admin API key: {ADMIN_HINT}"
+            ))),
         }
     }
 }
@@ -81,7 +83,9 @@ impl FromRequestParts<AppState> for NodeAuth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let Some(presented) = bearer(parts).and_then(secrets::parse_node_credential) else {
-            return Err(ApiError::unauthorized(format!("missing or malformed node credential: {NODE_HINT}")));
+            return Err(ApiError::unauthorized(format!(
+                "missing or malformed node credential: {NODE_HINT}"
+            )));
         };
         match state.store.node_credential_hash(presented.id).await? {
             Some(Some(hash)) if secrets::hash_matches(&presented.hash, &hash) => Ok(Self { node_id: presented.id }),

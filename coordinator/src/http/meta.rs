@@ -63,7 +63,12 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
 )]
 pub async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
     match state.openapi_json.get() {
-        Some(json) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], json.clone()).into_response(),
+        Some(json) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            json.clone(),
+        )
+            .into_response(),
         None => ApiError::internal("the OpenAPI document was not built").into_response(),
     }
 }

@@ -30,7 +30,10 @@ const MAX_HOSTNAME_LEN: usize = 253;
         (status = 413, description = "Body too large", body = ErrorBody),
     )
 )]
-pub async fn join(State(state): State<AppState>, ApiJson(request): ApiJson<JoinRequest>) -> Result<Json<JoinResponse>, ApiError> {
+pub async fn join(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<JoinRequest>,
+) -> Result<Json<JoinResponse>, ApiError> {
     let result = join_inner(&state, &request).await;
     if let Err(e) = &result {
         metrics::counter!(telemetry::JOINS_REFUSED, "code" => e.code).increment(1);
@@ -42,10 +45,16 @@ pub async fn join(State(state): State<AppState>, ApiJson(request): ApiJson<JoinR
 async fn join_inner(state: &AppState, request: &JoinRequest) -> Result<JoinResponse, ApiError> {
     let token = JoinToken::parse(&request.token).map_err(|e| ApiError::token_malformed(e.to_string()))?;
     if request.hostname.len() > MAX_HOSTNAME_LEN {
-        return Err(ApiError::bad_request(format!("hostname is longer than {MAX_HOSTNAME_LEN} characters")));
+        return Err(ApiError::bad_request(format!(
+            "hostname is longer than {MAX_HOSTNAME_LEN} characters"
+        )));
     }
-    let input =
-        JoinInput { token: &token, public_key: request.public_key, hostname: &request.hostname, network: state.network };
+    let input = JoinInput {
+        token: &token,
+        public_key: request.public_key,
+        hostname: &request.hostname,
+        network: state.network,
+    };
     let outcome = state.store.join(input).await?;
     let node = outcome.node;
     metrics::counter!(telemetry::JOINS, "rejoin" => outcome.rejoined.to_string()).increment(1);
@@ -118,7 +127,10 @@ pub async fn report_endpoints(
     )
 )]
 pub async fn leave(State(state): State<AppState>, node: NodeAuth) -> Result<StatusCode, ApiError> {
-    let gone = state.store.delete_node(&format!("node:{}", node.node_id), "node.leave", node.node_id).await?;
+    let gone = state
+        .store
+        .delete_node(&format!("node:{}", node.node_id), "node.leave", node.node_id)
+        .await?;
     tracing::info!(node = gone.id, name = %gone.name, "node left the network");
     Ok(StatusCode::NO_CONTENT)
 }

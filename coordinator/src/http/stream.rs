@@ -66,13 +66,20 @@ pub async fn map(
     ApiQuery(query): ApiQuery<MapQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let since = query.since.or_else(|| {
-        headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok())
+        headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
     });
     // Subscribe before reading anything: every change above the version we start from then reaches us.
     let changes = state.broker.subscribe();
     state.store.stream_connected(node.node_id).await?;
     let (tx, rx) = mpsc::channel(QUEUE);
-    let session = StreamSession { state: state.clone(), node_id: node.node_id, tx };
+    let session = StreamSession {
+        state: state.clone(),
+        node_id: node.node_id,
+        tx,
+    };
     tokio::spawn(session.run(changes, since));
     Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
@@ -132,7 +139,9 @@ impl StreamSession {
                     if event.version <= last_sent {
                         continue; // already covered by the map or replay we started with
                     }
-                    let Some(json) = event.for_viewer(self.node_id) else { return End::NodeDeleted };
+                    let Some(json) = event.for_viewer(self.node_id) else {
+                        return End::NodeDeleted;
+                    };
                     if let Err(end) = self.send(event.version, json).await {
                         return end;
                     }
@@ -161,7 +170,9 @@ impl StreamSession {
                 let mut version = since;
                 for change in store.missed_changes(since).await? {
                     let event = ChangeEvent::new(&change);
-                    let Some(json) = event.for_viewer(self.node_id) else { return Err(End::NodeDeleted) };
+                    let Some(json) = event.for_viewer(self.node_id) else {
+                        return Err(End::NodeDeleted);
+                    };
                     self.send(event.version, json).await?;
                     version = version.max(event.version);
                 }
@@ -169,7 +180,13 @@ impl StreamSession {
                 // broadcast only needs to bring what is above the newest one replayed.
                 return Ok(version);
             }
-            tracing::debug!(node = self.node_id, since, pruned, current, "resume point not covered; sending a full map");
+            tracing::debug!(
+                node = self.node_id,
+                since,
+                pruned,
+                current,
+                "resume point not covered; sending a full map"
+            );
         }
         self.send_full().await
     }

@@ -21,7 +21,8 @@ impl Store {
             .bind(now_unix())
             .execute(&mut *w.tx)
             .await?;
-        w.audit(actor, "apikey.create", &format!("apikey:{id}"), description).await?;
+        w.audit(actor, "apikey.create", &format!("apikey:{id}"), description)
+            .await?;
         w.commit().await
     }
 
@@ -37,12 +38,23 @@ impl Store {
             sqlx::query_as("SELECT id, description, created_at FROM api_keys ORDER BY created_at, id")
                 .fetch_all(self.pool())
                 .await?;
-        Ok(rows.into_iter().map(|(id, description, created_at)| ApiKeyRecord { id, description, created_at }).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(id, description, created_at)| ApiKeyRecord {
+                id,
+                description,
+                created_at,
+            })
+            .collect())
     }
 
     pub async fn delete_api_key(&self, actor: &str, id: &str) -> Result<()> {
         let mut w = self.write().await?;
-        let n = sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(id).execute(&mut *w.tx).await?.rows_affected();
+        let n = sqlx::query("DELETE FROM api_keys WHERE id = $1")
+            .bind(id)
+            .execute(&mut *w.tx)
+            .await?
+            .rows_affected();
         if n == 0 {
             return Err(StoreError::NotFound);
         }

@@ -25,7 +25,14 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, at, actor, action, target, detail)| AuditEntry { id, at, actor, action, target, detail })
+            .map(|(id, at, actor, action, target, detail)| AuditEntry {
+                id,
+                at,
+                actor,
+                action,
+                target,
+                detail,
+            })
             .collect())
     }
 }

@@ -22,7 +22,9 @@ fn decode_change(row: &AnyRow) -> Result<ChangeRecord> {
 impl Store {
     /// The newest version in the log (0 before the first change).
     pub async fn current_version(&self) -> Result<u64> {
-        let max: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM changes").fetch_one(self.pool()).await?;
+        let max: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM changes")
+            .fetch_one(self.pool())
+            .await?;
         match max {
             Some(v) => Ok(v.max(0) as u64),
             None => self.pruned_through().await,
@@ -68,7 +70,9 @@ impl Store {
     /// Drops all but the newest `keep` changes. Returns the new pruning mark.
     pub async fn prune_changes(&self, keep: u64) -> Result<u64> {
         let mut w = self.write().await?;
-        let max: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM changes").fetch_one(&mut *w.tx).await?;
+        let max: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM changes")
+            .fetch_one(&mut *w.tx)
+            .await?;
         let mark: Option<String> = sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
             .bind(PRUNED_THROUGH)
             .fetch_optional(&mut *w.tx)
@@ -78,7 +82,10 @@ impl Store {
         if cutoff <= mark {
             return Ok(mark);
         }
-        sqlx::query("DELETE FROM changes WHERE version <= $1").bind(cutoff as i64).execute(&mut *w.tx).await?;
+        sqlx::query("DELETE FROM changes WHERE version <= $1")
+            .bind(cutoff as i64)
+            .execute(&mut *w.tx)
+            .await?;
         Self::set_setting_in(&mut w.tx, PRUNED_THROUGH, &cutoff.to_string()).await?;
         w.commit().await?;
         Ok(cutoff)

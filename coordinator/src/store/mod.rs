@@ -16,6 +16,7 @@
 //!   commit order across all replicas. A broker that has read every change up to version V can then never later
 //!   see a smaller version commit (with concurrent writers a sequence value taken early may commit late, and a
 //!   reader following "version > last seen" would skip it forever).
+//!
 //! The write rate of a control plane (joins, endpoint reports, connects) is far below what one serialized writer
 //! sustains (see the `join_bench` example), so the simplicity is cheap.
 //!
@@ -57,7 +58,7 @@ static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
 /// Channel of `NOTIFY` on PostgreSQL: a change was committed (the payload is empty; listeners read the change log).
 pub const PG_CHANGES_CHANNEL: &str = "meshd_changes";
 /// Key of the PostgreSQL advisory lock that serializes writers of all replicas (an arbitrary constant: "meshd").
-const PG_WRITE_LOCK_KEY: i64 = 0x6d65_7368_64;
+const PG_WRITE_LOCK_KEY: i64 = 0x006d_6573_6864;
 /// Pool sizes: SQLite has one writer anyway (readers run in parallel in WAL mode); PostgreSQL serves the streams'
 /// reads of several replicas, so a few more.
 const SQLITE_POOL_SIZE: u32 = 8;
@@ -187,11 +188,19 @@ impl Store {
             Backend::Sqlite => self.inner.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => {
                 let mut tx = self.inner.pool.begin().await?;
-                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(PG_WRITE_LOCK_KEY).execute(&mut *tx).await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(PG_WRITE_LOCK_KEY)
+                    .execute(&mut *tx)
+                    .await?;
                 tx
             }
         };
-        Ok(WriteTx { tx, _guard: guard, store: self, changed: false })
+        Ok(WriteTx {
+            tx,
+            _guard: guard,
+            store: self,
+            changed: false,
+        })
     }
 
     /// Is the database reachable?
@@ -243,7 +252,10 @@ impl WriteTx<'_> {
     pub async fn commit(mut self) -> Result<()> {
         if self.changed && self.store.backend() == Backend::Postgres {
             // Delivered to every listener (all replicas) when the transaction commits.
-            sqlx::query("SELECT pg_notify($1, '')").bind(PG_CHANGES_CHANNEL).execute(&mut *self.tx).await?;
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(PG_CHANGES_CHANNEL)
+                .execute(&mut *self.tx)
+                .await?;
         }
         self.tx.commit().await?;
         if self.changed {

@@ -50,7 +50,9 @@ impl Store {
     pub async fn join(&self, input: JoinInput<'_>) -> Result<JoinOutcome> {
         let now = now_unix();
         let mut w = self.write().await?;
-        let token = Self::token_in(&mut w.tx, &input.token.id).await?.ok_or(tokens::TokenRejection::Unknown)?;
+        let token = Self::token_in(&mut w.tx, &input.token.id)
+            .await?
+            .ok_or(tokens::TokenRejection::Unknown)?;
         if !secrets::hash_matches(&input.token.secret_hash(), &token.secret_hash) {
             return Err(tokens::TokenRejection::Unknown.into());
         }
@@ -87,8 +89,13 @@ impl Store {
                 if kind != NodeKind::Meshd.as_str() {
                     w.append_change(id, ChangeKind::Changed).await?;
                 }
-                w.audit(&format!("node:{id}"), "rejoin", &format!("node:{id}"), &format!("token {}", token.id))
-                    .await?;
+                w.audit(
+                    &format!("node:{id}"),
+                    "rejoin",
+                    &format!("node:{id}"),
+                    &format!("token {}", token.id),
+                )
+                .await?;
                 (id, true)
             }
             None => {
@@ -121,7 +128,11 @@ impl Store {
         };
         let node = Self::node_in(&mut w.tx, node_id).await?.ok_or(StoreError::NotFound)?;
         w.commit().await?;
-        Ok(JoinOutcome { node, credential: secret.credential(node_id), rejoined })
+        Ok(JoinOutcome {
+            node,
+            credential: secret.credential(node_id),
+            rejoined,
+        })
     }
 
     /// Registers a plain WireGuard device (no credential) by its public key; the name must be valid and free.
@@ -141,7 +152,9 @@ impl Store {
             .fetch_optional(&mut *w.tx)
             .await?;
         if let Some(id) = taken {
-            return Err(StoreError::Conflict(format!("this public key already belongs to node {id}")));
+            return Err(StoreError::Conflict(format!(
+                "this public key already belongs to node {id}"
+            )));
         }
         Self::ensure_name_free_in(&mut w.tx, name, None).await?;
         let ip = Self::free_ip_in(&mut w.tx, network).await?;
@@ -158,7 +171,13 @@ impl Store {
         .fetch_one(&mut *w.tx)
         .await?;
         w.append_change(id, ChangeKind::Added).await?;
-        w.audit(actor, "node.register", &format!("node:{id}"), &format!("name {name}, ip {ip}, key {key}")).await?;
+        w.audit(
+            actor,
+            "node.register",
+            &format!("node:{id}"),
+            &format!("name {name}, ip {ip}, key {key}"),
+        )
+        .await?;
         let node = Self::node_in(&mut w.tx, id).await?.ok_or(StoreError::NotFound)?;
         w.commit().await?;
         Ok(node)
@@ -182,7 +201,9 @@ impl Store {
 
     /// (all nodes, nodes with a connected stream).
     pub async fn node_counts(&self) -> Result<(i64, i64)> {
-        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM nodes").fetch_one(self.pool()).await?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM nodes")
+            .fetch_one(self.pool())
+            .await?;
         let online: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM nodes WHERE online_streams > 0")
             .fetch_one(self.pool())
             .await?;
@@ -206,7 +227,11 @@ impl Store {
             && name != before.name
         {
             Self::ensure_name_free_in(&mut w.tx, name, Some(id)).await?;
-            sqlx::query("UPDATE nodes SET name = $1 WHERE id = $2").bind(name).bind(id).execute(&mut *w.tx).await?;
+            sqlx::query("UPDATE nodes SET name = $1 WHERE id = $2")
+                .bind(name)
+                .bind(id)
+                .execute(&mut *w.tx)
+                .await?;
             details.push(format!("name {} -> {name}", before.name));
         }
         if let Some(tags) = update.tags.as_ref()
@@ -221,7 +246,8 @@ impl Store {
         }
         if !details.is_empty() {
             w.append_change(id, ChangeKind::Changed).await?;
-            w.audit(actor, "node.update", &format!("node:{id}"), &details.join("; ")).await?;
+            w.audit(actor, "node.update", &format!("node:{id}"), &details.join("; "))
+                .await?;
         }
         let node = Self::node_in(&mut w.tx, id).await?.ok_or(StoreError::NotFound)?;
         w.commit().await?;
@@ -232,9 +258,18 @@ impl Store {
     pub async fn delete_node(&self, actor: &str, action: &str, id: NodeId) -> Result<Node> {
         let mut w = self.write().await?;
         let node = Self::node_in(&mut w.tx, id).await?.ok_or(StoreError::NotFound)?;
-        sqlx::query("DELETE FROM nodes WHERE id = $1").bind(id).execute(&mut *w.tx).await?;
+        sqlx::query("DELETE FROM nodes WHERE id = $1")
+            .bind(id)
+            .execute(&mut *w.tx)
+            .await?;
         w.append_change(id, ChangeKind::Removed).await?;
-        w.audit(actor, action, &format!("node:{id}"), &format!("name {}, ip {}", node.name, node.ip)).await?;
+        w.audit(
+            actor,
+            action,
+            &format!("node:{id}"),
+            &format!("name {}, ip {}", node.name, node.ip),
+        )
+        .await?;
         w.commit().await?;
         Ok(node)
     }
@@ -302,7 +337,9 @@ impl Store {
         let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE online_streams > 0")
             .fetch_all(&mut *w.tx)
             .await?;
-        sqlx::query("UPDATE nodes SET online_streams = 0 WHERE online_streams > 0").execute(&mut *w.tx).await?;
+        sqlx::query("UPDATE nodes SET online_streams = 0 WHERE online_streams > 0")
+            .execute(&mut *w.tx)
+            .await?;
         for id in ids {
             w.append_change(id, ChangeKind::Offline).await?;
         }
@@ -312,8 +349,9 @@ impl Store {
 
     /// The network nodes were allocated from, if any node exists outside `network` (a changed `--network`).
     pub async fn nodes_outside(&self, network: Ipv4Net) -> Result<Vec<(String, Ipv4Addr)>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT name, ip FROM nodes ORDER BY ip").fetch_all(self.pool()).await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT name, ip FROM nodes ORDER BY ip")
+            .fetch_all(self.pool())
+            .await?;
         Ok(rows
             .into_iter()
             .filter_map(|(name, ip)| u32::try_from(ip).ok().map(|ip| (name, Ipv4Addr::from(ip))))
@@ -340,12 +378,14 @@ impl Store {
     }
 
     async fn ensure_name_free_in(tx: &mut sqlx::AnyConnection, name: &str, except: Option<NodeId>) -> Result<()> {
-        let owner: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM nodes WHERE name = $1").bind(name).fetch_optional(&mut *tx).await?;
+        let owner: Option<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
         match owner {
-            Some(owner) if Some(owner) != except => {
-                Err(StoreError::Conflict(format!("the name `{name}` is taken by node {owner}; pick another")))
-            }
+            Some(owner) if Some(owner) != except => Err(StoreError::Conflict(format!(
+                "the name `{name}` is taken by node {owner}; pick another"
+            ))),
             _ => Ok(()),
         }
     }

@@ -18,7 +18,6 @@ pub struct NewToken {
     pub tags: Vec<String>,
 }
 
-
 fn decode_token(row: &AnyRow) -> Result<TokenRecord> {
     let tags: String = row.try_get("tags")?;
     Ok(TokenRecord {
@@ -54,18 +53,23 @@ impl Store {
             token.expires_at.map_or("never".to_string(), |t| t.to_string()),
             token.tags
         );
-        w.audit(actor, "token.create", &format!("token:{}", token.id), &detail).await?;
-        let record = Self::token_in(&mut w.tx, &token.id).await?.ok_or(StoreError::NotFound)?;
+        w.audit(actor, "token.create", &format!("token:{}", token.id), &detail)
+            .await?;
+        let record = Self::token_in(&mut w.tx, &token.id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         w.commit().await?;
         Ok(record)
     }
 
     /// Every token, newest first.
     pub async fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        let rows = sqlx::query("SELECT id, secret_hash, created_at, expires_at, max_uses, uses, revoked_at, tags \
-                                FROM join_tokens ORDER BY created_at DESC, id")
-            .fetch_all(self.pool())
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, secret_hash, created_at, expires_at, max_uses, uses, revoked_at, tags \
+                                FROM join_tokens ORDER BY created_at DESC, id",
+        )
+        .fetch_all(self.pool())
+        .await?;
         rows.iter().map(decode_token).collect()
     }
 

@@ -20,24 +20,65 @@ async fn auth_and_node_management(backend: Backend) {
     // No key, malformed key, unknown key, a node credential instead of an admin key.
     let r = c.client.get(c.url("/api/v1/nodes")).send().await.expect("send");
     assert_eq!(error_code(r).await, (401, "unauthorized".into()));
-    let r = c.client.get(c.url("/api/v1/nodes")).bearer_auth("nonsense").send().await.expect("send");
+    let r = c
+        .client
+        .get(c.url("/api/v1/nodes"))
+        .bearer_auth("nonsense")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 401);
     let mut wrong = c.admin_key.clone();
     wrong.pop();
     wrong.push(if c.admin_key.ends_with('A') { 'B' } else { 'A' });
-    let r = c.client.get(c.url("/api/v1/nodes")).bearer_auth(&wrong).send().await.expect("send");
+    let r = c
+        .client
+        .get(c.url("/api/v1/nodes"))
+        .bearer_auth(&wrong)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 401);
     let token = c.token(json!({"reusable": true})).await;
     let a = c.join(&token, &key(1), "alpha").await;
-    let r = c.client.get(c.url("/api/v1/nodes")).bearer_auth(&a.credential).send().await.expect("send");
+    let r = c
+        .client
+        .get(c.url("/api/v1/nodes"))
+        .bearer_auth(&a.credential)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 401, "a node credential is not an admin key");
-    let r = c.client.get(c.url("/api/v1/map")).bearer_auth(&c.admin_key).send().await.expect("send");
+    let r = c
+        .client
+        .get(c.url("/api/v1/map"))
+        .bearer_auth(&c.admin_key)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 401, "an admin key is not a node credential");
 
     let b = c.join(&token, &key(2), "beta").await;
-    let nodes: Vec<Value> = c.admin(Method::GET, "/api/v1/nodes").send().await.expect("send").json().await.expect("json");
+    let nodes: Vec<Value> = c
+        .admin(Method::GET, "/api/v1/nodes")
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(nodes.len(), 2);
-    for field in ["id", "name", "ip", "public_key", "online", "last_seen", "tags", "endpoints", "kind"] {
+    for field in [
+        "id",
+        "name",
+        "ip",
+        "public_key",
+        "online",
+        "last_seen",
+        "tags",
+        "endpoints",
+        "kind",
+    ] {
         assert!(nodes[0].get(field).is_some(), "node has `{field}`");
     }
     assert_eq!(nodes[0]["public_key"], key(1).to_string());
@@ -55,21 +96,50 @@ async fn auth_and_node_management(backend: Backend) {
     assert_eq!(one["ip"], "10.77.0.3");
 
     // PATCH: rename, retag, conflicts, validation.
-    let r = c.admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id)).json(&json!({"tags": ["b", "a", "a"]})).send().await.expect("send");
+    let r = c
+        .admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id))
+        .json(&json!({"tags": ["b", "a", "a"]}))
+        .send()
+        .await
+        .expect("send");
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["tags"], json!(["a", "b"]));
     assert_eq!(v["name"], "beta");
-    let r = c.admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id)).json(&json!({"name": "alpha"})).send().await.expect("send");
+    let r = c
+        .admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id))
+        .json(&json!({"name": "alpha"}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (409, "conflict".into()));
-    let r = c.admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id)).json(&json!({"name": "Not Valid"})).send().await.expect("send");
+    let r = c
+        .admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id))
+        .json(&json!({"name": "Not Valid"}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
-    let r = c.admin(Method::PATCH, "/api/v1/nodes/999").json(&json!({"name": "x"})).send().await.expect("send");
+    let r = c
+        .admin(Method::PATCH, "/api/v1/nodes/999")
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (404, "not_found".into()));
-    let r = c.admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id)).json(&json!({"name": "beta-2"})).send().await.expect("send");
+    let r = c
+        .admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id))
+        .json(&json!({"name": "beta-2"}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 200);
 
     // DELETE by admin; the address is then reused by the next node (lowest free).
-    let r = c.admin(Method::DELETE, &format!("/api/v1/nodes/{}", a.node_id)).send().await.expect("send");
+    let r = c
+        .admin(Method::DELETE, &format!("/api/v1/nodes/{}", a.node_id))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 204);
     let d = c.join(&token, &key(3), "delta").await;
     assert_eq!(d.ip.to_string(), "10.77.0.2");
@@ -85,22 +155,59 @@ async fn bad_inputs_are_400_in_our_format(backend: Backend) {
     let join = c.url("/api/v1/join");
 
     // Broken JSON, wrong types, missing fields, missing content type.
-    let r = c.client.post(&join).header("content-type", "application/json").body("{not json").send().await.expect("send");
+    let r = c
+        .client
+        .post(&join)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
-    let r = c.client.post(&join).json(&json!({"token": token, "public_key": 5, "hostname": "x"})).send().await.expect("send");
+    let r = c
+        .client
+        .post(&join)
+        .json(&json!({"token": token, "public_key": 5, "hostname": "x"}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
-    let r = c.client.post(&join).json(&json!({"token": token})).send().await.expect("send");
+    let r = c
+        .client
+        .post(&join)
+        .json(&json!({"token": token}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
-    let r = c.client.post(&join).body(json!({"token": token, "public_key": key(9).to_string(), "hostname": "x"}).to_string()).send().await.expect("send");
+    let r = c
+        .client
+        .post(&join)
+        .body(json!({"token": token, "public_key": key(9).to_string(), "hostname": "x"}).to_string())
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
 
     // Bad keys: short, not base64, all zero.
     for bad in ["AAAA", "not base64!", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="] {
-        let r = c.client.post(&join).json(&json!({"token": token, "public_key": bad, "hostname": "x"})).send().await.expect("send");
+        let r = c
+            .client
+            .post(&join)
+            .json(&json!({"token": token, "public_key": bad, "hostname": "x"}))
+            .send()
+            .await
+            .expect("send");
         let (status, code) = error_code(r).await;
         assert_eq!((status, code.as_str()), (400, "bad_request"), "key {bad}");
     }
-    let r = c.client.post(&join).json(&json!({"token": token, "public_key": key(9).to_string(), "hostname": "h".repeat(300)})).send().await.expect("send");
+    let r = c
+        .client
+        .post(&join)
+        .json(&json!({"token": token, "public_key": key(9).to_string(), "hostname": "h".repeat(300)}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
 
     // Oversized body: 413 in our format, never a 500.
@@ -111,8 +218,21 @@ async fn bad_inputs_are_400_in_our_format(backend: Backend) {
     // Endpoint reports: too many, unusable, not addresses.
     let endpoints = c.url("/api/v1/node/endpoints");
     let many: Vec<String> = (0..17).map(|i| format!("198.18.0.{i}:51820")).collect();
-    for body in [json!({"endpoints": many}), json!({"endpoints": ["0.0.0.0:51820"]}), json!({"endpoints": ["198.18.0.1:0"]}), json!({"endpoints": ["nope"]}), json!({})] {
-        let r = c.client.put(&endpoints).bearer_auth(&a.credential).json(&body).send().await.expect("send");
+    for body in [
+        json!({"endpoints": many}),
+        json!({"endpoints": ["0.0.0.0:51820"]}),
+        json!({"endpoints": ["198.18.0.1:0"]}),
+        json!({"endpoints": ["nope"]}),
+        json!({}),
+    ] {
+        let r = c
+            .client
+            .put(&endpoints)
+            .bearer_auth(&a.credential)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
         assert_eq!(error_code(r).await, (400, "bad_request".into()), "{body}");
     }
 
@@ -125,9 +245,17 @@ async fn bad_inputs_are_400_in_our_format(backend: Backend) {
     assert_eq!(error_code(r).await, (404, "not_found".into()));
     let r = c.admin(Method::PUT, "/api/v1/tokens").send().await.expect("send");
     assert_eq!(error_code(r).await.0, 405);
-    let r = c.admin(Method::GET, "/api/v1/audit?limit=0").send().await.expect("send");
+    let r = c
+        .admin(Method::GET, "/api/v1/audit?limit=0")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
-    let r = c.admin(Method::GET, "/api/v1/audit?limit=abc").send().await.expect("send");
+    let r = c
+        .admin(Method::GET, "/api/v1/audit?limit=abc")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
     c.stop().await;
 }
@@ -158,12 +286,32 @@ async fn audit_health_metrics_openapi(backend: Backend) {
     let c = Coord::start(&db).await;
     let token = c.token(json!({"reusable": true, "tags": ["t"]})).await;
     let a = c.join(&token, &key(1), "a").await;
-    let _ = c.admin(Method::PATCH, &format!("/api/v1/nodes/{}", a.node_id)).json(&json!({"name": "aa"})).send().await.expect("send");
-    let _ = c.admin(Method::DELETE, &format!("/api/v1/nodes/{}", a.node_id)).send().await.expect("send");
+    let _ = c
+        .admin(Method::PATCH, &format!("/api/v1/nodes/{}", a.node_id))
+        .json(&json!({"name": "aa"}))
+        .send()
+        .await
+        .expect("send");
+    let _ = c
+        .admin(Method::DELETE, &format!("/api/v1/nodes/{}", a.node_id))
+        .send()
+        .await
+        .expect("send");
 
-    let audit: Vec<Value> = c.admin(Method::GET, "/api/v1/audit").send().await.expect("send").json().await.expect("json");
+    let audit: Vec<Value> = c
+        .admin(Method::GET, "/api/v1/audit")
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     let actions: Vec<&str> = audit.iter().map(|e| e["action"].as_str().expect("action")).collect();
-    assert_eq!(&actions[..4], &["node.delete", "node.update", "join", "token.create"], "newest first");
+    assert_eq!(
+        &actions[..4],
+        &["node.delete", "node.update", "join", "token.create"],
+        "newest first"
+    );
     assert!(audit[0]["actor"].as_str().expect("actor").starts_with("apikey:"));
     assert!(audit[2]["actor"].as_str().expect("actor").starts_with("token:"));
     let page: Vec<Value> = c
@@ -179,14 +327,37 @@ async fn audit_health_metrics_openapi(backend: Backend) {
     let r = c.client.get(c.url("/api/v1/audit")).send().await.expect("send");
     assert_eq!(r.status(), 401);
 
-    let health: Value = c.client.get(c.url("/healthz")).send().await.expect("send").json().await.expect("json");
+    let health: Value = c
+        .client
+        .get(c.url("/healthz"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(health["status"], "ok");
-    assert_eq!(health["database"], if matches!(backend, Backend::Sqlite) { "sqlite" } else { "postgres" });
+    assert_eq!(
+        health["database"],
+        if matches!(backend, Backend::Sqlite) {
+            "sqlite"
+        } else {
+            "postgres"
+        }
+    );
 
     let b = c.join(&token, &key(2), "b").await;
     let mut s = c.stream(&b.credential, None, None).await;
     let _ = s.next(std::time::Duration::from_secs(5)).await;
-    let metrics = c.client.get(c.url("/metrics")).send().await.expect("send").text().await.expect("text");
+    let metrics = c
+        .client
+        .get(c.url("/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
     for needle in [
         "meshd_nodes 1\n",
         "meshd_nodes_online 1\n",
@@ -198,15 +369,42 @@ async fn audit_health_metrics_openapi(backend: Backend) {
         assert!(metrics.contains(needle), "metrics contain {needle:?}");
     }
 
-    let doc: Value = c.client.get(c.url("/api/v1/openapi.json")).send().await.expect("send").json().await.expect("json");
+    let doc: Value = c
+        .client
+        .get(c.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     assert!(doc["openapi"].as_str().expect("version").starts_with("3."));
     let paths = doc["paths"].as_object().expect("paths");
     for (method, path) in ROUTES {
-        assert!(paths.get(*path).and_then(|p| p.get(*method)).is_some(), "OpenAPI document lacks {method} {path}");
+        assert!(
+            paths.get(*path).and_then(|p| p.get(*method)).is_some(),
+            "OpenAPI document lacks {method} {path}"
+        );
     }
-    let documented: usize = paths.values().map(|p| p.as_object().expect("item").keys().filter(|k| *k != "parameters").count()).sum();
+    let documented: usize = paths
+        .values()
+        .map(|p| {
+            p.as_object()
+                .expect("item")
+                .keys()
+                .filter(|k| *k != "parameters")
+                .count()
+        })
+        .sum();
     assert_eq!(documented, ROUTES.len(), "no undocumented or unexpected routes");
-    for schema in ["JoinRequest", "JoinResponse", "MapMessage", "ErrorBody", "NodeInfo", "TokenInfo"] {
+    for schema in [
+        "JoinRequest",
+        "JoinResponse",
+        "MapMessage",
+        "ErrorBody",
+        "NodeInfo",
+        "TokenInfo",
+    ] {
         assert!(doc["components"]["schemas"].get(schema).is_some(), "schema {schema}");
     }
     c.stop().await;

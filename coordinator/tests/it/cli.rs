@@ -7,11 +7,20 @@ use meshd_protocol::JoinToken;
 const BIN: &str = env!("CARGO_BIN_EXE_meshd-coordinator");
 
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env_remove("MESHD_DATABASE_URL").env_remove("MESHD_DATA_DIR").output().expect("run binary")
+    Command::new(BIN)
+        .args(args)
+        .env_remove("MESHD_DATABASE_URL")
+        .env_remove("MESHD_DATA_DIR")
+        .output()
+        .expect("run binary")
 }
 
 fn last_line(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -19,7 +28,18 @@ fn help_documents_every_flag() {
     let out = run(&["serve", "--help"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--listen", "--network", "--public-url", "--tls-cert", "--tls-key", "--no-tls", "--data-dir", "--database-url", "--config", "MESHD_LISTEN"] {
+    for flag in [
+        "--listen",
+        "--network",
+        "--public-url",
+        "--tls-cert",
+        "--tls-key",
+        "--no-tls",
+        "--data-dir",
+        "--database-url",
+        "--config",
+        "MESHD_LISTEN",
+    ] {
         assert!(text.contains(flag), "serve --help mentions {flag}");
     }
     let out = run(&["token", "create", "--help"]);
@@ -44,7 +64,22 @@ fn cli_commands_print_secrets_last() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--public-url"));
 
     // With --public-url https: pinned to the self-signed certificate generated in the data dir (serve will use it).
-    let out = run(&["token", "create", "--data-dir", d, "--public-url", "https://198.18.0.1:8443", "--uses", "3", "--expires", "24h", "--tag", "gpu", "--tag", "lab"]);
+    let out = run(&[
+        "token",
+        "create",
+        "--data-dir",
+        d,
+        "--public-url",
+        "https://198.18.0.1:8443",
+        "--uses",
+        "3",
+        "--expires",
+        "24h",
+        "--tag",
+        "gpu",
+        "--tag",
+        "lab",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = JoinToken::parse(&last_line(&out)).expect("last line is a token");
     assert_eq!(token.coordinator_url, "https://198.18.0.1:8443");
@@ -53,7 +88,10 @@ fn cli_commands_print_secrets_last() {
 
     let out = run(&["--data-dir", d, "token", "list"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&token.id) && text.contains("0/3") && text.contains("gpu,lab"), "{text}");
+    assert!(
+        text.contains(&token.id) && text.contains("0/3") && text.contains("gpu,lab"),
+        "{text}"
+    );
     let out = run(&["--data-dir", d, "token", "revoke", &token.id]);
     assert!(out.status.success());
     let out = run(&["--data-dir", d, "token", "list"]);
@@ -70,22 +108,53 @@ fn cli_commands_print_secrets_last() {
 fn serve_rejects_bad_config() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_str().expect("utf8");
-    let out = run(&["--data-dir", d, "serve", "--listen", "127.0.0.1:0", "--network", "10.0.0.0/31"]);
+    let out = run(&[
+        "--data-dir",
+        d,
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--network",
+        "10.0.0.0/31",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("too small"));
-    let out = run(&["--data-dir", d, "serve", "--listen", "127.0.0.1:0", "--network", "banana"]);
+    let out = run(&[
+        "--data-dir",
+        d,
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--network",
+        "banana",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("CIDR"));
     let config = dir.path().join("c.toml");
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\nnetwrok = \"10.0.0.0/8\"\n").expect("write");
     let out = run(&["--data-dir", d, "--config", config.to_str().expect("utf8"), "serve"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("netwrok"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("netwrok"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\nnetwork = \"10.1.2.0/16\"\n").expect("write");
     let out = run(&["--data-dir", d, "--config", config.to_str().expect("utf8"), "serve"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("10.1.0.0/16"), "suggests the network address");
-    let out = run(&["--data-dir", d, "--database-url", "mysql://x", "serve", "--listen", "127.0.0.1:0"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("10.1.0.0/16"),
+        "suggests the network address"
+    );
+    let out = run(&[
+        "--data-dir",
+        d,
+        "--database-url",
+        "mysql://x",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("sqlite://"));
 }

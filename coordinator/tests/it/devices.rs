@@ -19,8 +19,14 @@ async fn register_device_and_download_config(backend: Backend) {
     let token = c.token(json!({"reusable": true})).await;
     let a = c.join(&token, &key(1), "server").await;
     let b = c.join(&token, &key(2), "laptop").await;
-    let r = c.client.put(c.url("/api/v1/node/endpoints")).bearer_auth(&a.credential)
-        .json(&json!({"endpoints": ["198.18.0.10:51820", "198.18.5.5:40000"]})).send().await.expect("send");
+    let r = c
+        .client
+        .put(c.url("/api/v1/node/endpoints"))
+        .bearer_auth(&a.credential)
+        .json(&json!({"endpoints": ["198.18.0.10:51820", "198.18.5.5:40000"]}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 204);
     let mut sb = c.stream(&b.credential, None, None).await;
     let _ = sb.next(Duration::from_secs(5)).await;
@@ -40,43 +46,104 @@ async fn register_device_and_download_config(backend: Backend) {
     let phone_id = phone["id"].as_i64().expect("id");
 
     // Meshd nodes see it as a peer.
-    let m = sb.until(Duration::from_secs(5), |m| matches!(m, MapMessage::PeerAdded { .. })).await;
-    assert!(matches!(&m, MapMessage::PeerAdded { peer, .. } if peer.id == phone_id && peer.public_key == phone_key && peer.endpoints.is_empty()));
+    let m = sb
+        .until(Duration::from_secs(5), |m| matches!(m, MapMessage::PeerAdded { .. }))
+        .await;
+    assert!(
+        matches!(&m, MapMessage::PeerAdded { peer, .. } if peer.id == phone_id && peer.public_key == phone_key && peer.endpoints.is_empty())
+    );
 
     // Conflicts and validation.
-    let r = c.admin(Method::POST, "/api/v1/nodes").json(&json!({"name": "other", "public_key": phone_key.to_string()})).send().await.expect("send");
+    let r = c
+        .admin(Method::POST, "/api/v1/nodes")
+        .json(&json!({"name": "other", "public_key": phone_key.to_string()}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (409, "conflict".into()));
-    let r = c.admin(Method::POST, "/api/v1/nodes").json(&json!({"name": "server", "public_key": key(78).to_string()})).send().await.expect("send");
+    let r = c
+        .admin(Method::POST, "/api/v1/nodes")
+        .json(&json!({"name": "server", "public_key": key(78).to_string()}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (409, "conflict".into()));
-    let r = c.admin(Method::POST, "/api/v1/nodes").json(&json!({"name": "Bad Name", "public_key": key(78).to_string()})).send().await.expect("send");
+    let r = c
+        .admin(Method::POST, "/api/v1/nodes")
+        .json(&json!({"name": "Bad Name", "public_key": key(78).to_string()}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
-    let r = c.admin(Method::POST, "/api/v1/nodes").json(&json!({"name": "ok", "public_key": "short"})).send().await.expect("send");
+    let r = c
+        .admin(Method::POST, "/api/v1/nodes")
+        .json(&json!({"name": "ok", "public_key": "short"}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
 
     // The config.
-    let r = c.admin(Method::GET, &format!("/api/v1/nodes/{phone_id}/wireguard-config")).send().await.expect("send");
+    let r = c
+        .admin(Method::GET, &format!("/api/v1/nodes/{phone_id}/wireguard-config"))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().expect("ct").starts_with("text/plain"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .expect("ct")
+            .starts_with("text/plain")
+    );
     let text = r.text().await.expect("text");
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
     assert_eq!(lines[0], "[Interface]");
     assert!(lines.contains(&"Address = 10.77.0.4/32"));
-    let private = lines.iter().find(|l| l.starts_with("PrivateKey = ")).expect("PrivateKey line");
-    assert_eq!(*private, format!("PrivateKey = {}", meshd_coordinator::wgconfig::PRIVATE_KEY_PLACEHOLDER));
+    let private = lines
+        .iter()
+        .find(|l| l.starts_with("PrivateKey = "))
+        .expect("PrivateKey line");
+    assert_eq!(
+        *private,
+        format!("PrivateKey = {}", meshd_coordinator::wgconfig::PRIVATE_KEY_PLACEHOLDER)
+    );
     let peers: Vec<&str> = text.split("[Peer]").skip(1).collect();
     assert_eq!(peers.len(), 2, "one peer per meshd node");
-    let server = peers.iter().find(|p| p.contains(&key(1).to_string())).expect("server peer");
+    let server = peers
+        .iter()
+        .find(|p| p.contains(&key(1).to_string()))
+        .expect("server peer");
     assert!(server.contains("AllowedIPs = 10.77.0.2/32"));
-    assert!(server.contains("Endpoint = 198.18.0.10:51820"), "first reported endpoint");
+    assert!(
+        server.contains("Endpoint = 198.18.0.10:51820"),
+        "first reported endpoint"
+    );
     assert!(!server.contains("198.18.5.5"));
     assert!(server.contains("PersistentKeepalive = 25"));
-    let laptop = peers.iter().find(|p| p.contains(&key(2).to_string())).expect("laptop peer");
+    let laptop = peers
+        .iter()
+        .find(|p| p.contains(&key(2).to_string()))
+        .expect("laptop peer");
     assert!(laptop.contains("AllowedIPs = 10.77.0.3/32"));
     assert!(!laptop.contains("Endpoint"), "no endpoint reported: no Endpoint line");
 
-    let r = c.admin(Method::GET, "/api/v1/nodes/9999/wireguard-config").send().await.expect("send");
+    let r = c
+        .admin(Method::GET, "/api/v1/nodes/9999/wireguard-config")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (404, "not_found".into()));
-    let r = c.client.get(c.url(&format!("/api/v1/nodes/{phone_id}/wireguard-config"))).send().await.expect("send");
+    let r = c
+        .client
+        .get(c.url(&format!("/api/v1/nodes/{phone_id}/wireguard-config")))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 401);
 
     // The device's key can later join with meshd: same node and address.

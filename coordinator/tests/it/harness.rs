@@ -35,7 +35,9 @@ impl Backend {
                 if std::env::var("MESHD_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
                     panic!("{PG_ENV} is not set but MESHD_TEST_REQUIRE_POSTGRES=1");
                 }
-                eprintln!("SKIPPED: set {PG_ENV}=postgres://USER:PASSWORD@127.0.0.1/postgres to run the PostgreSQL half");
+                eprintln!(
+                    "SKIPPED: set {PG_ENV}=postgres://USER:PASSWORD@127.0.0.1/postgres to run the PostgreSQL half"
+                );
                 None
             }
         }
@@ -74,10 +76,20 @@ impl TestDb {
     pub async fn new(backend: &Backend) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         match backend {
-            Backend::Sqlite => Self { url: meshd_coordinator::store::default_url(dir.path()), dir, pg: None },
+            Backend::Sqlite => Self {
+                url: meshd_coordinator::store::default_url(dir.path()),
+                dir,
+                pg: None,
+            },
             Backend::Postgres(admin_url) => {
-                let name = format!("meshd_t_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
-                let mut conn = sqlx::PgConnection::connect(admin_url).await.expect("connect to the PostgreSQL admin URL");
+                let name = format!(
+                    "meshd_t_{}_{}",
+                    std::process::id(),
+                    COUNTER.fetch_add(1, Ordering::SeqCst)
+                );
+                let mut conn = sqlx::PgConnection::connect(admin_url)
+                    .await
+                    .expect("connect to the PostgreSQL admin URL");
                 sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
                     .execute(&mut conn)
                     .await
@@ -88,7 +100,11 @@ impl TestDb {
                     .expect("create test database");
                 conn.close().await.expect("close");
                 let url = replace_db(admin_url, &name);
-                Self { url, dir, pg: Some((admin_url.clone(), name)) }
+                Self {
+                    url,
+                    dir,
+                    pg: Some((admin_url.clone(), name)),
+                }
             }
         }
     }
@@ -119,12 +135,17 @@ impl Drop for TestDb {
         if let Some((admin, name)) = self.pg.take() {
             // Drop runs outside async context rules: use a small runtime on its own thread.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
                 rt.block_on(async {
                     if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
-                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                            .execute(&mut conn)
-                            .await;
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut conn)
+                        .await;
                     }
                 });
             })
@@ -158,7 +179,10 @@ impl Coord {
             let _ = rx.await;
         }));
         let base = format!("http://{addr}");
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(r) = client.get(format!("{base}/healthz")).send().await
@@ -171,9 +195,17 @@ impl Coord {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let store = meshd_coordinator::store::Store::connect(&db.url).await.expect("store");
-        let (_, admin_key) = meshd_coordinator::ops::issue_api_key(&store, "test", "tests").await.expect("key");
+        let (_, admin_key) = meshd_coordinator::ops::issue_api_key(&store, "test", "tests")
+            .await
+            .expect("key");
         store.close().await;
-        Self { base, client, admin_key, shutdown: Some(tx), task: Some(task) }
+        Self {
+            base,
+            client,
+            admin_key,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     /// Stops the coordinator and waits for it (bounded).
@@ -182,7 +214,9 @@ impl Coord {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
-            let result = tokio::time::timeout(Duration::from_secs(15), task).await.expect("coordinator stops in time");
+            let result = tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("coordinator stops in time");
             result.expect("task").expect("coordinator ran cleanly");
         }
     }
@@ -197,7 +231,12 @@ impl Coord {
 
     /// `POST /api/v1/tokens` with `body`; returns the token string.
     pub async fn token(&self, body: Value) -> String {
-        let r = self.admin(reqwest::Method::POST, "/api/v1/tokens").json(&body).send().await.expect("send");
+        let r = self
+            .admin(reqwest::Method::POST, "/api/v1/tokens")
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
         assert_eq!(r.status(), 201, "token create: {}", r.text().await.unwrap_or_default());
         let v: Value = r.json().await.expect("json");
         v["token"].as_str().expect("token field").to_string()
@@ -222,7 +261,11 @@ impl Coord {
 
     /// Opens a map stream with the node's credential.
     pub async fn stream(&self, credential: &str, since: Option<&str>, last_event_id: Option<&str>) -> MapStream {
-        let mut req = self.client.get(self.url("/api/v1/map")).bearer_auth(credential).timeout(Duration::from_secs(600));
+        let mut req = self
+            .client
+            .get(self.url("/api/v1/map"))
+            .bearer_auth(credential)
+            .timeout(Duration::from_secs(600));
         if let Some(since) = since {
             req = req.query(&[("since", since)]);
         }
@@ -232,10 +275,15 @@ impl Coord {
         let r = req.send().await.expect("open stream");
         assert_eq!(r.status(), 200, "stream: {}", r.text().await.unwrap_or_default());
         assert!(
-            r.headers()["content-type"].to_str().expect("ct").starts_with("text/event-stream"),
+            r.headers()["content-type"]
+                .to_str()
+                .expect("ct")
+                .starts_with("text/event-stream"),
             "SSE content type"
         );
-        MapStream { events: Box::pin(r.bytes_stream().eventsource()) }
+        MapStream {
+            events: Box::pin(r.bytes_stream().eventsource()),
+        }
     }
 }
 

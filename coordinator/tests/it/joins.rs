@@ -37,13 +37,29 @@ async fn join_basics(backend: Backend) {
 
     // Same key again: same node, same address, fresh credential; the old one stops working.
     let again = c.join(&token, &key(1), "renamed-host").await;
-    assert_eq!((again.node_id, again.ip, again.name.as_str()), (a.node_id, a.ip, "laptop"));
+    assert_eq!(
+        (again.node_id, again.ip, again.name.as_str()),
+        (a.node_id, a.ip, "laptop")
+    );
     assert_ne!(again.credential, a.credential);
-    let old = c.client.get(c.url("/api/v1/map")).bearer_auth(&a.credential).send().await.expect("send");
+    let old = c
+        .client
+        .get(c.url("/api/v1/map"))
+        .bearer_auth(&a.credential)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(old).await, (401, "unauthorized".into()));
 
     // The token had 3 uses: two new nodes + the re-join of key 1 with the same token consumed none.
-    let tokens: Value = c.admin(reqwest::Method::GET, "/api/v1/tokens").send().await.expect("send").json().await.expect("json");
+    let tokens: Value = c
+        .admin(reqwest::Method::GET, "/api/v1/tokens")
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(tokens[0]["uses"], 2);
     assert_eq!(tokens[0]["state"], "active");
     let _ = c.join(&token, &key(3), "x").await;
@@ -52,7 +68,10 @@ async fn join_basics(backend: Backend) {
 
     // Hostname sanitising.
     let t2 = c.token(json!({"reusable": true})).await;
-    assert_eq!(c.join(&t2, &key(5), "GPU Server.lab.example.com").await.name, "gpu-server");
+    assert_eq!(
+        c.join(&t2, &key(5), "GPU Server.lab.example.com").await.name,
+        "gpu-server"
+    );
     assert_eq!(c.join(&t2, &key(6), "!!!").await.name, "node");
     c.stop().await;
 }
@@ -93,10 +112,19 @@ async fn two_hundred_concurrent_joins(backend: Backend) {
     // Densely packed from .2 up: no address skipped or lost.
     let mut sorted: Vec<u32> = ips.iter().map(|ip| u32::from(*ip)).collect();
     sorted.sort();
-    assert_eq!(sorted.first().copied(), Some(u32::from(std::net::Ipv4Addr::new(10, 77, 0, 2))));
+    assert_eq!(
+        sorted.first().copied(),
+        Some(u32::from(std::net::Ipv4Addr::new(10, 77, 0, 2)))
+    );
     assert_eq!(sorted.last().copied().expect("last") - sorted[0], N - 1);
-    let nodes: Vec<Value> =
-        c.admin(reqwest::Method::GET, "/api/v1/nodes").send().await.expect("send").json().await.expect("json");
+    let nodes: Vec<Value> = c
+        .admin(reqwest::Method::GET, "/api/v1/nodes")
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(nodes.len(), N as usize);
     c.stop().await;
 }
@@ -114,8 +142,14 @@ async fn single_use_token_race(backend: Backend) {
         let loser = if r1.status() == 403 { r1 } else { r2 };
         assert_eq!(error_code(loser).await.1, "token_used_up");
     }
-    let nodes: Vec<Value> =
-        c.admin(reqwest::Method::GET, "/api/v1/nodes").send().await.expect("send").json().await.expect("json");
+    let nodes: Vec<Value> = c
+        .admin(reqwest::Method::GET, "/api/v1/nodes")
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(nodes.len(), 5, "losers enrolled nothing");
     c.stop().await;
 }
@@ -142,16 +176,27 @@ async fn token_rules(backend: Backend) {
     let r = c.join_raw(&short, &key(2), "h").await;
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["error"]["code"], "token_expired");
-    assert!(body["error"]["message"].as_str().expect("msg").contains("token create"), "says what to do next");
+    assert!(
+        body["error"]["message"].as_str().expect("msg").contains("token create"),
+        "says what to do next"
+    );
 
     // Revoked: joins refused, revoke is listed, unknown id is 404.
     let revoked = c.token(json!({"reusable": true, "tags": ["x"]})).await;
     let id = JoinToken::parse(&revoked).expect("parse").id;
-    let r = c.admin(reqwest::Method::DELETE, &format!("/api/v1/tokens/{id}")).send().await.expect("send");
+    let r = c
+        .admin(reqwest::Method::DELETE, &format!("/api/v1/tokens/{id}"))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 204);
     let r = c.join_raw(&revoked, &key(3), "h").await;
     assert_eq!(error_code(r).await, (403, "token_revoked".into()));
-    let r = c.admin(reqwest::Method::DELETE, "/api/v1/tokens/nosuchtoken").send().await.expect("send");
+    let r = c
+        .admin(reqwest::Method::DELETE, "/api/v1/tokens/nosuchtoken")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (404, "not_found".into()));
 
     // Single-use: the node that used it may repeat its join (no use consumed); another key may not.
@@ -163,17 +208,36 @@ async fn token_rules(backend: Backend) {
     assert_eq!(error_code(r).await, (403, "token_used_up".into()));
 
     // Listing shows every token and its state; the secret is never listed.
-    let list: Vec<Value> =
-        c.admin(reqwest::Method::GET, "/api/v1/tokens").send().await.expect("send").json().await.expect("json");
+    let list: Vec<Value> = c
+        .admin(reqwest::Method::GET, "/api/v1/tokens")
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(list.len(), 4);
     let states: HashSet<&str> = list.iter().map(|t| t["state"].as_str().expect("state")).collect();
     assert_eq!(states, HashSet::from(["active", "expired", "revoked", "used_up"]));
-    assert!(list.iter().all(|t| t.get("token").is_none() && t.get("secret_hash").is_none()));
+    assert!(
+        list.iter()
+            .all(|t| t.get("token").is_none() && t.get("secret_hash").is_none())
+    );
 
     // Bad token-create requests.
-    for body in [json!({"uses": 0}), json!({"expires": "soon"}), json!({"reusable": true, "uses": 2}),
-                 json!({"tags": ["bad tag"]}), json!({"unknown": 1})] {
-        let r = c.admin(reqwest::Method::POST, "/api/v1/tokens").json(&body).send().await.expect("send");
+    for body in [
+        json!({"uses": 0}),
+        json!({"expires": "soon"}),
+        json!({"reusable": true, "uses": 2}),
+        json!({"tags": ["bad tag"]}),
+        json!({"unknown": 1}),
+    ] {
+        let r = c
+            .admin(reqwest::Method::POST, "/api/v1/tokens")
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
         assert_eq!(error_code(r).await, (400, "bad_request".into()), "{body}");
     }
     c.stop().await;

@@ -23,16 +23,35 @@ async fn change_on_one_replica_reaches_streams_on_another() {
     let mut on_b = b.stream(&n1.credential, None, None).await;
     let _ = on_b.next(Duration::from_secs(5)).await;
     let started = Instant::now();
-    let r = a.admin(Method::PATCH, &format!("/api/v1/nodes/{}", n2.node_id)).json(&json!({"name": "renamed"})).send().await.expect("send");
+    let r = a
+        .admin(Method::PATCH, &format!("/api/v1/nodes/{}", n2.node_id))
+        .json(&json!({"name": "renamed"}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 200);
-    let m = on_b.until(Duration::from_secs(2), |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.name == "renamed")).await;
+    let m = on_b
+        .until(
+            Duration::from_secs(2),
+            |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.name == "renamed"),
+        )
+        .await;
     eprintln!("cross-replica change arrived after {:?} ({m:?})", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(2));
 
     let started = Instant::now();
-    let r = a.admin(Method::DELETE, &format!("/api/v1/nodes/{}", n2.node_id)).send().await.expect("send");
+    let r = a
+        .admin(Method::DELETE, &format!("/api/v1/nodes/{}", n2.node_id))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 204);
-    let _ = on_b.until(Duration::from_secs(2), |m| matches!(m, MapMessage::PeerRemoved { id, .. } if *id == n2.node_id)).await;
+    let _ = on_b
+        .until(
+            Duration::from_secs(2),
+            |m| matches!(m, MapMessage::PeerRemoved { id, .. } if *id == n2.node_id),
+        )
+        .await;
     assert!(started.elapsed() < Duration::from_secs(2));
     a.stop().await;
     b.stop().await;

@@ -46,7 +46,12 @@ async fn full_map_then_deltas(backend: Backend) {
     // b connects: a sees b online.
     let mut sb = c.stream(&b.credential, None, None).await;
     let _ = full(sb.next(WAIT).await);
-    let m = sa.until(WAIT, |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.id == b.node_id && peer.online)).await;
+    let m = sa
+        .until(
+            WAIT,
+            |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.id == b.node_id && peer.online),
+        )
+        .await;
     NetworkMap::apply(&mut state, m).expect("apply");
 
     // b reports endpoints: a gets them; b sees itself changed.
@@ -90,16 +95,27 @@ async fn full_map_then_deltas(backend: Backend) {
         .expect("send");
     assert_eq!(r.status(), 200);
     let m = sa.next(WAIT).await;
-    assert!(matches!(&m, MapMessage::SelfChanged { node, .. } if node.name == "alpha-prime" && node.tags == ["gpu"]), "{m:?}");
+    assert!(
+        matches!(&m, MapMessage::SelfChanged { node, .. } if node.name == "alpha-prime" && node.tags == ["gpu"]),
+        "{m:?}"
+    );
     let version = m.version();
     NetworkMap::apply(&mut state, m).expect("apply");
-    let m = sb.until(WAIT, |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.id == a.node_id)).await;
+    let m = sb
+        .until(
+            WAIT,
+            |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.id == a.node_id),
+        )
+        .await;
     assert!(matches!(&m, MapMessage::PeerChanged { peer, .. } if peer.name == "alpha-prime"));
 
     // A third node joins: both see PeerAdded; versions only grow.
     let cnode = c.join(&token, &key(3), "gamma").await;
     let m = sa.next(WAIT).await;
-    assert!(matches!(&m, MapMessage::PeerAdded { peer, .. } if peer.id == cnode.node_id), "{m:?}");
+    assert!(
+        matches!(&m, MapMessage::PeerAdded { peer, .. } if peer.id == cnode.node_id),
+        "{m:?}"
+    );
     assert!(m.version() > version);
     NetworkMap::apply(&mut state, m).expect("apply");
 
@@ -114,7 +130,12 @@ async fn full_map_then_deltas(backend: Backend) {
     // b disconnects: a sees it offline (how fast depends on noticing the closed connection; bounded).
     drop(sb);
     let started = Instant::now();
-    let _ = sa.until(Duration::from_secs(25), |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.id == b.node_id && !peer.online)).await;
+    let _ = sa
+        .until(
+            Duration::from_secs(25),
+            |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.id == b.node_id && !peer.online),
+        )
+        .await;
     eprintln!("offline noticed after {:?}", started.elapsed());
     c.stop().await;
 }
@@ -130,20 +151,41 @@ async fn deletion_reaches_streams_within_two_seconds(backend: Backend) {
     assert_eq!(full(sa.next(WAIT).await).peers.len(), 1);
     let _ = full(sb.next(WAIT).await);
     // Let a see b come online first, so the next message is the removal.
-    let _ = sa.until(WAIT, |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.online)).await;
+    let _ = sa
+        .until(
+            WAIT,
+            |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.online),
+        )
+        .await;
 
     let started = Instant::now();
-    let r = c.admin(reqwest::Method::DELETE, &format!("/api/v1/nodes/{}", b.node_id)).send().await.expect("send");
+    let r = c
+        .admin(reqwest::Method::DELETE, &format!("/api/v1/nodes/{}", b.node_id))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 204);
     let m = sa.next(Duration::from_secs(2)).await;
     let elapsed = started.elapsed();
-    assert!(matches!(m, MapMessage::PeerRemoved { id, .. } if id == b.node_id), "{m:?}");
+    assert!(
+        matches!(m, MapMessage::PeerRemoved { id, .. } if id == b.node_id),
+        "{m:?}"
+    );
     assert!(elapsed < Duration::from_secs(2), "removal took {elapsed:?}");
     eprintln!("deletion reached the open stream after {elapsed:?}");
 
     // b's own stream ends, its credential is refused at once, and it is gone from the admin API.
-    assert!(sb.ends_within(Duration::from_secs(2)).await, "the deleted node's stream ends");
-    let r = c.client.get(c.url("/api/v1/map")).bearer_auth(&b.credential).send().await.expect("send");
+    assert!(
+        sb.ends_within(Duration::from_secs(2)).await,
+        "the deleted node's stream ends"
+    );
+    let r = c
+        .client
+        .get(c.url("/api/v1/map"))
+        .bearer_auth(&b.credential)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (401, "unauthorized".into()));
     let r = c
         .client
@@ -154,9 +196,17 @@ async fn deletion_reaches_streams_within_two_seconds(backend: Backend) {
         .await
         .expect("send");
     assert_eq!(r.status(), 401);
-    let r = c.admin(reqwest::Method::GET, &format!("/api/v1/nodes/{}", b.node_id)).send().await.expect("send");
+    let r = c
+        .admin(reqwest::Method::GET, &format!("/api/v1/nodes/{}", b.node_id))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (404, "not_found".into()));
-    let r = c.admin(reqwest::Method::DELETE, &format!("/api/v1/nodes/{}", b.node_id)).send().await.expect("send");
+    let r = c
+        .admin(reqwest::Method::DELETE, &format!("/api/v1/nodes/{}", b.node_id))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 404);
     c.stop().await;
 }
@@ -191,13 +241,26 @@ async fn resume_with_since(backend: Backend) {
         let mut resumed = c.stream(&a.credential, since.as_deref(), header.as_deref()).await;
         let mut got = Vec::new();
         while let Some(m) = resumed.try_next(Duration::from_millis(700)).await {
-            assert!(!matches!(m, MapMessage::Full { .. }), "a covered resume point gets deltas, not a full map");
+            assert!(
+                !matches!(m, MapMessage::Full { .. }),
+                "a covered resume point gets deltas, not a full map"
+            );
             got.push(m);
         }
         // Coalesced: one message per changed node (b, d, and a itself), not one per change.
-        assert!(got.iter().any(|m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.id == b.node_id && peer.name == "b2")), "{got:?}");
+        assert!(
+            got.iter().any(
+                |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.id == b.node_id && peer.name == "b2")
+            ),
+            "{got:?}"
+        );
         assert!(got.iter().any(|m| matches!(m, MapMessage::PeerAdded { peer, .. } | MapMessage::PeerChanged { peer, .. } if peer.id == d.node_id)), "{got:?}");
-        assert_eq!(got.iter().filter(|m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.id == b.node_id)).count(), 1);
+        assert_eq!(
+            got.iter()
+                .filter(|m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.id == b.node_id))
+                .count(),
+            1
+        );
         let versions: Vec<u64> = got.iter().map(MapMessage::version).collect();
         assert!(versions.windows(2).all(|w| w[0] < w[1]), "versions grow: {versions:?}");
         for m in got {
@@ -205,14 +268,23 @@ async fn resume_with_since(backend: Backend) {
         }
     }
     let map = state.expect("map");
-    assert_eq!(map.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), vec!["b2", "d"]);
+    assert_eq!(
+        map.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        vec!["b2", "d"]
+    );
 
     // A version from the future (or garbage) gets a full map.
     let mut s = c.stream(&a.credential, Some("999999"), None).await;
     assert!(matches!(s.next(WAIT).await, MapMessage::Full { .. }));
     let mut s = c.stream(&a.credential, None, Some("garbage")).await;
     assert!(matches!(s.next(WAIT).await, MapMessage::Full { .. }));
-    let r = c.client.get(c.url("/api/v1/map?since=-3")).bearer_auth(&a.credential).send().await.expect("send");
+    let r = c
+        .client
+        .get(c.url("/api/v1/map?since=-3"))
+        .bearer_auth(&a.credential)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
     c.stop().await;
 }
@@ -258,11 +330,26 @@ async fn node_leaves_itself(backend: Backend) {
     let b = c.join(&token, &key(2), "b").await;
     let mut sa = c.stream(&a.credential, None, None).await;
     let _ = full(sa.next(WAIT).await);
-    let r = c.client.delete(c.url("/api/v1/node")).bearer_auth(&b.credential).send().await.expect("send");
+    let r = c
+        .client
+        .delete(c.url("/api/v1/node"))
+        .bearer_auth(&b.credential)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 204);
     let m = sa.next(Duration::from_secs(2)).await;
-    assert!(matches!(m, MapMessage::PeerRemoved { id, .. } if id == b.node_id), "{m:?}");
-    let r = c.client.delete(c.url("/api/v1/node")).bearer_auth(&b.credential).send().await.expect("send");
+    assert!(
+        matches!(m, MapMessage::PeerRemoved { id, .. } if id == b.node_id),
+        "{m:?}"
+    );
+    let r = c
+        .client
+        .delete(c.url("/api/v1/node"))
+        .bearer_auth(&b.credential)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 401);
     c.stop().await;
 }

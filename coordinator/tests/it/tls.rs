@@ -45,8 +45,16 @@ async fn self_signed_tls_is_pinned_in_tokens() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let store = meshd_coordinator::store::Store::connect(&db.url).await.expect("store");
-    let (_, admin) = meshd_coordinator::ops::issue_api_key(&store, "test", "").await.expect("key");
-    let r = client.post(format!("{base}/api/v1/tokens")).bearer_auth(&admin).json(&json!({})).send().await.expect("send");
+    let (_, admin) = meshd_coordinator::ops::issue_api_key(&store, "test", "")
+        .await
+        .expect("key");
+    let r = client
+        .post(format!("{base}/api/v1/tokens"))
+        .bearer_auth(&admin)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 201);
     let token: Value = r.json().await.expect("json");
     let token = JoinToken::parse(token["token"].as_str().expect("token")).expect("parse");
@@ -61,5 +69,9 @@ async fn self_signed_tls_is_pinned_in_tokens() {
     assert_eq!(CertFingerprint::of_der(&der), expected);
     store.close().await;
     let _ = tx.send(());
-    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").expect("task").expect("ran cleanly");
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("ran cleanly");
 }
