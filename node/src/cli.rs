@@ -213,7 +213,7 @@ async fn leave(state: &StateDir, args: &LeaveArgs) -> Result<(), Failure> {
         eprintln!("meshd stopped");
     }
     // Hold the lock so no agent starts while the identity is being removed.
-    let _lock = crate::ctl::lock_state_dir(state)?;
+    let _lock = crate::ctl::lock_state_dir_within(state, Duration::from_secs(10)).await?;
     let told = async {
         let client = ControlClient::new(&identity.coordinator_url, identity.pinned()?)?;
         match client.leave(&credential).await {

@@ -9,7 +9,7 @@
 use std::fs::{self, File, TryLockError};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,6 +151,19 @@ pub struct StateLock {
     _file: File,
 }
 
+/// Takes the state directory's lock, waiting up to `wait` for an agent that is shutting down to release it.
+pub async fn lock_state_dir_within(state: &StateDir, wait: Duration) -> Result<StateLock, CtlError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match lock_state_dir(state) {
+            Err(CtlError::AlreadyRunning { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Takes the state directory's lock, or says that another agent holds it.
 pub fn lock_state_dir(state: &StateDir) -> Result<StateLock, CtlError> {
     let path = state.lock_path();
@@ -158,6 +171,7 @@ pub fn lock_state_dir(state: &StateDir) -> Result<StateLock, CtlError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|source| io_err(&path, source))?;
     match file.try_lock() {
@@ -230,8 +244,10 @@ fn io_err(path: &Path, source: io::Error) -> CtlError {
     }
 }
 
-/// Serves control requests until `shutdown`; then aborts the connections still open (a ping in progress).
-pub async fn serve(listener: UnixListener, agent: Arc<AgentState>, shutdown: CancellationToken) {
+/// Serves control requests until `shutdown`; then aborts the connections still open (a ping in progress). Returns
+/// the listener so that the caller keeps the socket bound until the agent has fully stopped: `meshd down` waits
+/// for the socket to go away, and then the interface and the state lock are already released.
+pub async fn serve(listener: UnixListener, agent: Arc<AgentState>, shutdown: CancellationToken) -> UnixListener {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -249,6 +265,7 @@ pub async fn serve(listener: UnixListener, agent: Arc<AgentState>, shutdown: Can
         }
     }
     connections.shutdown().await;
+    listener
 }
 
 async fn handle(stream: UnixStream, agent: Arc<AgentState>, shutdown: CancellationToken) {

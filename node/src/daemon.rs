@@ -543,15 +543,21 @@ async fn run(state: StateDir, args: RunArgs, lock: ctl::StateLock) -> Result<(),
     .await;
     shutdown.cancel();
     signals.abort();
-    if let Err(e) = ctl_server.await {
-        tracing::warn!("control socket task failed: {e}");
-    }
+    let listener = match ctl_server.await {
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            tracing::warn!("control socket task failed: {e}");
+            None
+        }
+    };
     drop(agent);
     match Arc::into_inner(engine) {
         Some(engine) => engine.shutdown().await,
         None => tracing::warn!("the data plane is still referenced; it is removed when the process exits"),
     }
+    // Only now does the socket go away: `meshd down` returns once the interface is gone.
     ctl::remove_socket(&state);
+    drop(listener);
     drop(lock);
     tracing::info!("stopped");
     match reason {

@@ -197,7 +197,9 @@ async fn plain_http_coordinator_and_ctl_down() {
     // `meshd down` over the control socket stops the agent cleanly.
     let lock = ctl::lock_state_dir(&one.state).expect("lock");
     let listener = ctl::bind(&one.state, None, &lock).expect("bind");
-    let server = tokio::spawn(ctl::serve(listener, run_one.agent.clone(), run_one.shutdown.clone()));
+    let (agent, shutdown) = (run_one.agent.clone(), run_one.shutdown.clone());
+    // As the daemon does: the socket closes once the agent is done.
+    let server = tokio::spawn(async move { drop(ctl::serve(listener, agent, shutdown).await) });
     assert!(CtlClient::new(&one.state).down().await.expect("down"), "it was running");
     let reason = tokio::time::timeout(WAIT, run_one.task)
         .await
