@@ -107,7 +107,7 @@ impl Coordinator {
                 "--network",
                 OVERLAY_NETWORK,
             ],
-            &[("RUST_LOG", &log)],
+            &[("RUST_LOG", &log), ("NO_COLOR", "1")],
         )?;
         self.process = Some(process);
         wait::until(
@@ -260,7 +260,7 @@ impl MeshNode {
             &format!("meshd-{label}"),
             &bin.to_string_lossy(),
             &full,
-            &[("RUST_LOG", &log)],
+            &[("RUST_LOG", &log), ("NO_COLOR", "1")],
         )?;
         self.process = Some(process);
         Ok(())

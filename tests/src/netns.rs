@@ -79,6 +79,13 @@ pub fn exec_in(ns: &str, program: &str) -> Command {
         tool_path(program)
     };
     command.args(["netns", "exec", ns]).arg(program);
+    // The binaries under test read MESHD_* settings from the environment; a lab run must not inherit the
+    // caller's (MESHD_DATABASE_URL, MESHD_STATE_DIR...). The test sets what it means explicitly.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("MESHD_") {
+            command.env_remove(key);
+        }
+    }
     command
 }
 

@@ -11,9 +11,9 @@ use std::process::{Child, Command, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 
-use crate::cmd;
+use crate::{cmd, wait};
 
 /// How long a process gets to exit after SIGTERM before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -80,14 +80,15 @@ impl Process {
         self.exit_status().is_none()
     }
 
-    /// Fails with the tail of the log if the process has exited.
+    /// Fails with the tail of the log if the process has exited. The error is a [`wait::Abort`]: a wait that
+    /// depends on this process ends at once.
     pub fn ensure_running(&mut self) -> Result<()> {
         if let Some(status) = self.exit_status() {
-            bail!(
+            return Err(wait::abort(anyhow!(
                 "{} exited unexpectedly ({status}); its log ends with:\n{}",
                 self.label,
                 tail(&self.log_text(), 30)
-            );
+            )));
         }
         Ok(())
     }

@@ -75,9 +75,16 @@ fn traffic_keeps_flowing_across_a_rekey() {
                 ping.label()
             );
         }
+        // The run must have crossed a rekey: the current session is younger than the run.
         for node in &mesh.nodes {
             let status = node.status()?;
-            eprintln!("{} after the long session: {status}", node.hostname);
+            let age = status["peers"][0]["last_handshake"].as_u64();
+            eprintln!("{} after the long session: last handshake {age:?} s ago", node.hostname);
+            ensure!(
+                age.is_some_and(|s| s < 120),
+                "{}: no handshake during the run: {status}",
+                node.hostname
+            );
         }
         Ok(())
     });
