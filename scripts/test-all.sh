@@ -6,7 +6,7 @@
 # On a fresh Debian 12 machine with the Rust toolchain (CI runs this through .ci/run, as root, no stdin):
 #   1. installs the Debian packages the tests use (PostgreSQL, OpenSSH, iproute2, iptables, wireguard-go, ...);
 #   2. starts PostgreSQL and creates a superuser role for the tests; exports MESHD_TEST_POSTGRES_URL so the
-#      coordinator suite runs on PostgreSQL as well as SQLite;
+#      coordinator suite runs on PostgreSQL as well as SQLite (MESHD_TEST_REQUIRE_POSTGRES=1: it must);
 #   3. builds the binaries (one profile: dev, which optimizes dependencies) and runs `cargo test --workspace`,
 #      including the end-to-end scenarios in network namespaces (tests/), which must run, not skip
 #      (MESHD_LAB_REQUIRED=1);
@@ -92,7 +92,9 @@ SQL
 [[ ${MESHD_SKIP_INSTALL:-0} == 1 ]] || install_packages
 ensure_tun
 start_postgres
+# Nothing may pass by skipping: the lab and the PostgreSQL half of the coordinator suite must run.
 export MESHD_LAB_REQUIRED=${MESHD_LAB_REQUIRED:-1}
+export MESHD_TEST_REQUIRE_POSTGRES=${MESHD_TEST_REQUIRE_POSTGRES:-1}
 
 log "building (dev profile)"
 cargo build --workspace --bins
