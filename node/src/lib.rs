@@ -11,8 +11,11 @@
 //! - [`control`]: HTTP client of the coordinator (join, map stream, endpoints, leave) and reconnect backoff;
 //!   knows nothing of WireGuard.
 //! - [`reconcile`]: pure: network map -> desired peer list for the engine.
-//! - [`daemon`]: the agent's state machine (joining -> running <-> degraded -> stopped), the control loop behind
-//!   the small [`daemon::DataPlane`] trait, endpoint reports, signals and shutdown.
+//! - [`agent`]: the running agent's shared state (map, phase) and the small [`agent::DataPlane`] trait in front of
+//!   the engine; the one path by which a map message reaches the data plane.
+//! - [`follow`]: the control loop: map stream with resume and backoff, cache, endpoint reports, removal.
+//! - [`daemon`]: the agent's life (joining -> running <-> degraded -> stopped): join, up, startup from the cache,
+//!   signals and clean shutdown.
 //! - [`endpoints`]: which local addresses to report as UDP endpoints.
 //! - [`ctl`]: the local control socket (server in the agent, client in the CLI) for status, ping and down.
 //! - [`ping`]: ICMP echo over the overlay from the agent.
@@ -22,6 +25,7 @@
 //! HTTP; `reconcile` does no IO; every path derives from `--state-dir`, so agents in different network namespaces
 //! on one machine never collide; the mesh keeps forwarding from the cached map while the coordinator is away.
 
+pub mod agent;
 pub mod cache;
 pub mod cli;
 pub mod config;
@@ -30,6 +34,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod endpoints;
 pub mod engine;
+pub mod follow;
 pub mod keys;
 pub mod ping;
 pub mod reconcile;

@@ -1,0 +1,193 @@
+//! Following the coordinator: the map stream and the endpoint reports of a running agent.
+//!
+//! Owns the [`ControlLoop`]: open the map stream resuming from the last applied version, apply each message through
+//! [`AgentState::apply`], persist the map to the cache, reconnect with [`Backoff`] when the coordinator goes away
+//! (the agent is then `degraded` and the mesh keeps running from the last map), and stop with
+//! [`StopReason::Removed`] when the coordinator no longer accepts this node's credential. Endpoint reports run
+//! beside it. Talks to the data plane only through [`crate::agent::DataPlane`], so tests run it against the real
+//! coordinator with a fake engine.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshd_protocol::api::EndpointReport;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{AgentState, Phase};
+use crate::cache::MapCache;
+use crate::control::{Backoff, ControlClient, ControlError};
+use crate::endpoints;
+
+/// A streak of failed reconnects is logged on its first attempt and then every this many attempts (about every
+/// five minutes once the backoff is at its cap).
+const FAILURE_LOG_EVERY: u32 = 10;
+
+/// How often local addresses are checked for changes (and a failed report retried).
+const ENDPOINT_POLL_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Why the control loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Asked to stop (signal, `meshd down`).
+    Shutdown,
+    /// The coordinator rejected this node's credential: the admin deleted it. Peers and cache are gone.
+    Removed,
+}
+
+/// Follows the coordinator: the map stream (reconnecting with backoff, resuming from the last applied version) and
+/// endpoint reports. Runs until `shutdown` or until the node is removed.
+pub struct ControlLoop {
+    pub agent: Arc<AgentState>,
+    pub client: ControlClient,
+    pub credential: String,
+    pub cache: MapCache,
+}
+
+impl ControlLoop {
+    pub async fn run(self, shutdown: CancellationToken) -> StopReason {
+        let removed = CancellationToken::new();
+        let reporter = tokio::spawn(report_endpoints(
+            self.agent.clone(),
+            self.client.clone(),
+            self.credential.clone(),
+            shutdown.child_token(),
+            removed.clone(),
+        ));
+        let reason = tokio::select! {
+            reason = self.follow_map(&removed) => reason,
+            () = shutdown.cancelled() => StopReason::Shutdown,
+            () = removed.cancelled() => StopReason::Removed,
+        };
+        reporter.abort();
+        // Wait for the abort to land: the reporter holds the agent (and so the data plane) until it is dropped.
+        let _ = reporter.await;
+        if reason == StopReason::Removed {
+            tracing::error!("the coordinator no longer accepts this node's credential: it was removed by an admin");
+            self.agent.clear();
+            if let Err(e) = self.cache.remove() {
+                tracing::warn!("{e}");
+            }
+        }
+        self.agent.set_phase(Phase::Stopped);
+        reason
+    }
+
+    async fn follow_map(&self, removed: &CancellationToken) -> StopReason {
+        let mut backoff = Backoff::new();
+        let mut want_full = false;
+        // Failures since the last successful connection: the first of a streak is a warning, the rest are
+        // repeated only every `FAILURE_LOG_EVERY` attempts so that a long outage does not flood the log.
+        let mut failures: u32 = 0;
+        loop {
+            let since = if want_full { None } else { self.agent.map_version() };
+            want_full = false;
+            match self.client.open_map(&self.credential, since).await {
+                Ok(mut stream) => {
+                    // Connected: a resumed stream with nothing missed stays silent until the next change.
+                    tracing::debug!(url = %self.client.base_url(), ?since, "map stream open");
+                    self.agent.set_phase(Phase::Running);
+                    backoff.reset();
+                    if failures > 0 {
+                        tracing::info!(attempts = failures + 1, "reconnected to the coordinator");
+                    }
+                    failures = 0;
+                    loop {
+                        match stream.next().await {
+                            None => {
+                                tracing::warn!("the coordinator closed the map stream; reconnecting");
+                                break;
+                            }
+                            Some(Ok(message)) => match self.agent.apply(message) {
+                                Ok(Some(map)) => {
+                                    if let Err(e) = self.cache.store(&map) {
+                                        tracing::warn!("{e}");
+                                    }
+                                }
+                                Ok(None) => {}
+                                Err(e) => {
+                                    tracing::warn!("{e}; asking the coordinator for a full map");
+                                    want_full = true;
+                                    break;
+                                }
+                            },
+                            Some(Err(ControlError::Unauthorized { .. })) => return StopReason::Removed,
+                            Some(Err(e)) => {
+                                tracing::warn!("map stream broke: {e}");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(ControlError::Unauthorized { .. }) => return StopReason::Removed,
+                Err(e) => {
+                    failures += 1;
+                    if failures % FAILURE_LOG_EVERY == 1 {
+                        if e.is_transient() {
+                            tracing::warn!(attempt = failures, "{e}; the mesh keeps running from the last map");
+                        } else {
+                            tracing::error!(attempt = failures, "{e}; the mesh keeps running from the last map");
+                        }
+                    } else {
+                        tracing::debug!(attempt = failures, "{e}");
+                    }
+                }
+            }
+            if removed.is_cancelled() {
+                return StopReason::Removed;
+            }
+            self.agent.set_phase(Phase::Degraded);
+            let delay = backoff.next_delay();
+            tracing::debug!(?delay, "reconnecting to the coordinator");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// Reports this host's endpoints at start and whenever they change; retries a failed report on the next poll.
+async fn report_endpoints(
+    agent: Arc<AgentState>,
+    client: ControlClient,
+    credential: String,
+    shutdown: CancellationToken,
+    removed: CancellationToken,
+) {
+    let mut reported: Option<Vec<SocketAddr>> = None;
+    let mut ticker = tokio::time::interval(ENDPOINT_POLL_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let addresses = match endpoints::local_addresses() {
+            Ok(addresses) => addresses,
+            Err(e) => {
+                tracing::warn!("cannot list local addresses: {e}");
+                continue;
+            }
+        };
+        let port = agent.dataplane.listen_port();
+        let current = endpoints::candidate_endpoints(&addresses, &agent.interface, agent.identity.network, port);
+        if reported.as_ref() == Some(&current) {
+            continue;
+        }
+        let report = EndpointReport {
+            endpoints: current.clone(),
+        };
+        match client.report_endpoints(&credential, &report).await {
+            Ok(()) => {
+                tracing::info!(endpoints = ?current, "reported endpoints");
+                reported = Some(current);
+            }
+            Err(ControlError::Unauthorized { .. }) => {
+                removed.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::debug!("endpoint report failed, retrying later: {e}");
+                reported = None;
+            }
+        }
+    }
+}
