@@ -1,0 +1,171 @@
+//! The local control socket `<state-dir>/meshd.sock`: how `meshd status`, `ping` and `down` talk to the running agent.
+//!
+//! Owns the socket's life (single instance per state directory through `meshd.lock`, stale socket cleanup, mode 0600
+//! for root or 0660 for `--control-group`), its line protocol (one JSON request per connection, one or more JSON
+//! reply lines: [`Request`], [`Reply`]), the server side (status built from the map and the engine's counters,
+//! ping, down) and the client side used by the CLI. Everything derives from the state directory, so agents in
+//! different network namespaces on one machine never meet.
+//!
+//! # Layout
+//! - this module: the line protocol ([`Request`], [`Reply`] and the status/ping bodies) and [`CtlError`];
+//! - [`socket`]: the state directory lock and the socket file (mode, group, stale cleanup);
+//! - [`server`]: the agent side (status merged from the map and the engine, ping, down);
+//! - [`client`]: the CLI side.
+
+pub mod client;
+pub mod server;
+pub mod socket;
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::Phase;
+
+pub use client::CtlClient;
+pub use server::{serve, status_report};
+pub use socket::{StateLock, bind, lock_state_dir, lock_state_dir_within, remove_socket};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("meshd is not running for state dir {dir}; start it with `sudo meshd up`")]
+    NotRunning { dir: String },
+    #[error(
+        "permission denied on {path}: run with sudo, or start the agent with --control-group GROUP and join that group"
+    )]
+    PermissionDenied { path: String },
+    #[error(
+        "another meshd agent is already running for state dir {dir} (stop it with `sudo meshd down`, or use another --state-dir)"
+    )]
+    AlreadyRunning { dir: String },
+    #[error("unknown group {0:?} for --control-group (see /etc/group)")]
+    UnknownGroup(String),
+    #[error("control socket {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("the agent did not answer in time on {path}")]
+    Timeout { path: String },
+    #[error("unexpected answer from the agent: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Agent(String),
+}
+
+/// One request per connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Ping {
+        target: String,
+        count: u16,
+        timeout_secs: u16,
+    },
+    Down,
+}
+
+/// A reply line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Status(StatusReport),
+    /// Printed once before the echoes: whom we ping.
+    PingStart {
+        name: String,
+        ip: Ipv4Addr,
+    },
+    PingReply(PingReply),
+    PingDone(PingSummary),
+    Stopping,
+    Error(String),
+}
+
+/// `meshd status --json`: exactly `{"self": ..., "peers": [...]}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    #[serde(rename = "self")]
+    pub self_node: SelfStatus,
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SelfStatus {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub public_key: String,
+    pub node_id: i64,
+    pub network: String,
+    pub interface: String,
+    pub listen_port: u16,
+    /// `running`, or `degraded` while the coordinator is away.
+    pub state: Phase,
+    pub coordinator: String,
+    /// Version of the applied map; null before the first one.
+    pub map_version: Option<u64>,
+    pub tags: Vec<String>,
+    /// The engine's drop counters (malformed datagrams, spoofed sources, ...), as the engine names them.
+    pub counters: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerReport {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub public_key: String,
+    /// Where packets go now (learned or reported); null if unknown.
+    pub endpoint: Option<String>,
+    pub path: String,
+    /// Seconds since the last completed handshake; null if never.
+    pub last_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Whether the coordinator sees the peer connected.
+    pub online: bool,
+    pub id: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PingReply {
+    pub seq: u16,
+    /// Round trip in milliseconds; null when no reply came in time.
+    pub rtt_ms: Option<f64>,
+    pub path: String,
+    pub endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PingSummary {
+    pub sent: u16,
+    pub received: u16,
+}
+
+fn io_err(path: &Path, source: io::Error) -> CtlError {
+    CtlError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_of_requests_and_replies() {
+        let json = serde_json::to_string(&Request::Ping {
+            target: "gpu".into(),
+            count: 2,
+            timeout_secs: 1,
+        })
+        .expect("json");
+        assert_eq!(json, r#"{"cmd":"ping","target":"gpu","count":2,"timeout_secs":1}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Status).expect("json"),
+            r#"{"cmd":"status"}"#
+        );
+        assert_eq!(serde_json::to_string(&Reply::Stopping).expect("json"), r#""stopping""#);
+        let error: Reply = serde_json::from_str(r#"{"error":"boom"}"#).expect("parse");
+        assert!(matches!(error, Reply::Error(m) if m == "boom"));
+    }
+}

@@ -1,0 +1,226 @@
+//! The agent side of the control socket: answers status, ping and down.
+//!
+//! Status merges the map (names and addresses: the coordinator's truth) with the engine's live view (endpoints,
+//! handshakes, counters). Ping resolves a peer by name or overlay address in the map and sends ICMP echoes over the
+//! overlay from the agent ([`crate::ping`]). Down cancels the agent's shutdown token. Connections still open at
+//! shutdown are aborted.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{PeerReport, PingReply, PingSummary, Reply, Request, SelfStatus, StatusReport};
+use crate::agent::AgentState;
+use crate::ping::Pinger;
+
+/// Longest request line accepted (requests are tiny; this bounds what a confused client can make us buffer).
+const MAX_REQUEST_LEN: u64 = 4096;
+/// Pause between echo requests, like ping(8).
+const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Serves control requests until `shutdown`; then aborts the connections still open (a ping in progress). Returns
+/// the listener so that the caller keeps the socket bound until the agent has fully stopped: `meshd down` waits
+/// for the socket to go away, and then the interface and the state lock are already released.
+pub async fn serve(listener: UnixListener, agent: Arc<AgentState>, shutdown: CancellationToken) -> UnixListener {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(handle(stream, agent.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!("control socket accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    connections.shutdown().await;
+    listener
+}
+
+async fn handle(stream: UnixStream, agent: Arc<AgentState>, shutdown: CancellationToken) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST_LEN);
+    if let Err(e) = reader.read_line(&mut line).await {
+        tracing::debug!("control request unreadable: {e}");
+        return;
+    }
+    let request = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => request,
+        Err(e) => {
+            let _ = send(&mut write, &Reply::Error(format!("bad request: {e}"))).await;
+            return;
+        }
+    };
+    tracing::debug!(?request, "control request");
+    let result = match request {
+        Request::Status => send(&mut write, &Reply::Status(status_report(&agent))).await,
+        Request::Down => {
+            tracing::info!("stop requested over the control socket");
+            let sent = send(&mut write, &Reply::Stopping).await;
+            shutdown.cancel();
+            sent
+        }
+        Request::Ping {
+            target,
+            count,
+            timeout_secs,
+        } => {
+            ping(
+                &mut write,
+                &agent,
+                &target,
+                count.clamp(1, 100),
+                timeout_secs.clamp(1, 30),
+            )
+            .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("control reply failed: {e}");
+    }
+}
+
+async fn send(write: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> io::Result<()> {
+    let mut line = serde_json::to_vec(reply).expect("replies always serialize");
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    write.flush().await
+}
+
+/// Merges the map (names, addresses: the coordinator's truth) with the engine's live view (endpoints, counters).
+pub fn status_report(agent: &AgentState) -> StatusReport {
+    let engine = agent.dataplane.status();
+    let map = agent.map();
+    let identity = &agent.identity;
+    let peers = map
+        .as_ref()
+        .map(|map| {
+            map.peers
+                .iter()
+                .map(|peer| {
+                    let live = engine.peers.iter().find(|p| p.public_key == peer.public_key);
+                    PeerReport {
+                        name: peer.name.clone(),
+                        ip: peer.ip,
+                        public_key: peer.public_key.to_base64(),
+                        endpoint: live
+                            .and_then(|p| p.endpoint)
+                            .or_else(|| peer.endpoints.first().copied())
+                            .map(|e| e.to_string()),
+                        path: live.map_or("direct", |p| p.path).to_string(),
+                        last_handshake: live.and_then(|p| p.last_handshake).map(|d| d.as_secs()),
+                        rx_bytes: live.map_or(0, |p| p.rx_bytes),
+                        tx_bytes: live.map_or(0, |p| p.tx_bytes),
+                        online: peer.online,
+                        id: peer.id,
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let self_node = map.as_ref().map(|m| &m.self_node);
+    StatusReport {
+        self_node: SelfStatus {
+            name: self_node.map_or_else(|| identity.name.clone(), |n| n.name.clone()),
+            ip: identity.ip,
+            public_key: identity.public_key.to_base64(),
+            node_id: identity.node_id,
+            network: identity.network.to_string(),
+            interface: engine.interface.clone(),
+            listen_port: engine.listen_port,
+            state: agent.phase(),
+            coordinator: identity.coordinator_url.clone(),
+            map_version: map.as_ref().map(|m| m.version),
+            tags: self_node.map_or_else(|| identity.tags.clone(), |n| n.tags.clone()),
+            counters: serde_json::to_value(&engine.counters).unwrap_or_default(),
+        },
+        peers,
+    }
+}
+
+async fn ping(
+    write: &mut (impl AsyncWriteExt + Unpin),
+    agent: &AgentState,
+    target: &str,
+    count: u16,
+    timeout_secs: u16,
+) -> io::Result<()> {
+    let Some(map) = agent.map() else {
+        return send(
+            write,
+            &Reply::Error("no network map yet: the agent has not heard from the coordinator".into()),
+        )
+        .await;
+    };
+    let peer = match target.parse::<Ipv4Addr>() {
+        Ok(ip) => map.peers.iter().find(|p| p.ip == ip),
+        Err(_) => map.peers.iter().find(|p| p.name.eq_ignore_ascii_case(target)),
+    };
+    let Some(peer) = peer else {
+        let names: Vec<&str> = map.peers.iter().map(|p| p.name.as_str()).collect();
+        let message = if target == map.self_node.name || target.parse::<Ipv4Addr>() == Ok(map.self_node.ip) {
+            format!("{target} is this node")
+        } else {
+            format!(
+                "no peer named {target:?} (peers: {})",
+                if names.is_empty() {
+                    "none".into()
+                } else {
+                    names.join(", ")
+                }
+            )
+        };
+        return send(write, &Reply::Error(message)).await;
+    };
+    let (dest, key) = (peer.ip, peer.public_key);
+    send(
+        write,
+        &Reply::PingStart {
+            name: peer.name.clone(),
+            ip: dest,
+        },
+    )
+    .await?;
+    let pinger = match Pinger::new(agent.identity.ip) {
+        Ok(pinger) => Arc::new(pinger),
+        Err(e) => return send(write, &Reply::Error(format!("cannot ping: {e}"))).await,
+    };
+    let timeout = Duration::from_secs(u64::from(timeout_secs));
+    let mut received = 0;
+    for seq in 1..=count {
+        let echo = {
+            let pinger = pinger.clone();
+            tokio::task::spawn_blocking(move || pinger.echo(dest, seq, timeout)).await
+        };
+        let rtt = match echo {
+            Ok(Ok(rtt)) => rtt,
+            Ok(Err(e)) => return send(write, &Reply::Error(format!("ping failed: {e}"))).await,
+            Err(e) => return send(write, &Reply::Error(format!("ping failed: {e}"))).await,
+        };
+        received += u16::from(rtt.is_some());
+        let live = agent.dataplane.status().peers.into_iter().find(|p| p.public_key == key);
+        let reply = PingReply {
+            seq,
+            rtt_ms: rtt.map(|d| d.as_secs_f64() * 1000.0),
+            path: live.as_ref().map_or("direct", |p| p.path).to_string(),
+            endpoint: live.and_then(|p| p.endpoint).map(|e: SocketAddr| e.to_string()),
+        };
+        send(write, &Reply::PingReply(reply)).await?;
+        if seq < count {
+            tokio::time::sleep(PING_INTERVAL.saturating_sub(rtt.unwrap_or(PING_INTERVAL))).await;
+        }
+    }
+    send(write, &Reply::PingDone(PingSummary { sent: count, received })).await
+}
