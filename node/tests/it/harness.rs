@@ -58,6 +58,8 @@ pub struct Coordinator {
     port: u16,
     tls: bool,
     child: Option<Child>,
+    /// How many times `serve` was started (each start logs one "coordinator serving" line).
+    starts: usize,
     api_key: Option<String>,
 }
 
@@ -70,6 +72,7 @@ impl Coordinator {
             port: free_port(),
             tls,
             child: None,
+            starts: 0,
             api_key: None,
         };
         coordinator.spawn();
@@ -97,9 +100,11 @@ impl Coordinator {
             command.arg("--no-tls");
         }
         self.child = Some(command.spawn().expect("spawn meshd-coordinator"));
-        // Ready when it listens (the public URL and fingerprint are stored before it accepts).
+        self.starts += 1;
+        // Ready once it logs that it serves: by then its migrations ran and its public URL and fingerprint are
+        // stored (a CLI command racing the first start's migrations could fail either process).
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while self.log().matches("coordinator serving").count() < self.starts {
             assert!(
                 Instant::now() < deadline,
                 "coordinator did not start; log:\n{}",
