@@ -21,6 +21,8 @@ use crate::ping::Pinger;
 
 /// Longest request line accepted (requests are tiny; this bounds what a confused client can make us buffer).
 const MAX_REQUEST_LEN: u64 = 4096;
+/// A client that connects must send its request within this time (a stuck client must not pin a task).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between echo requests, like ping(8).
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -52,9 +54,16 @@ async fn handle(stream: UnixStream, agent: Arc<AgentState>, shutdown: Cancellati
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read).take(MAX_REQUEST_LEN);
-    if let Err(e) = reader.read_line(&mut line).await {
-        tracing::debug!("control request unreadable: {e}");
-        return;
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::debug!("control request unreadable: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("control client sent no request in time");
+            return;
+        }
     }
     let request = match serde_json::from_str::<Request>(&line) {
         Ok(request) => request,
