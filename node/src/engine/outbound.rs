@@ -55,18 +55,40 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         let table = shared.table.load_full();
         let now = Instant::now();
         let max_segments = shared.udp.max_gso_segments();
-        for (buf, &size) in bufs.iter().zip(&sizes).take(count) {
-            if batch.needs_flush() {
-                flush(&shared, &mut batch).await;
+        // Encrypt this read, then drain whatever else the device already holds (without waiting) before sending:
+        // without TSO every read is one packet, and draining lets them leave as one GSO send instead of one
+        // syscall each. Bounded so one busy flow cannot hold the batch (and its latency) open for long.
+        let mut count = count;
+        let mut packets = 0;
+        loop {
+            for (buf, &size) in bufs.iter().zip(&sizes).take(count) {
+                if batch.needs_flush() {
+                    flush(&shared, &mut batch).await;
+                }
+                encapsulate_one(
+                    &shared,
+                    &table,
+                    &buf[TUN_OFFSET..TUN_OFFSET + size],
+                    &mut batch,
+                    now,
+                    max_segments,
+                );
             }
-            encapsulate_one(
-                &shared,
-                &table,
-                &buf[TUN_OFFSET..TUN_OFFSET + size],
-                &mut batch,
-                now,
-                max_segments,
-            );
+            packets += count;
+            if packets >= TUN_BATCH {
+                break;
+            }
+            count = match shared
+                .tun
+                .try_recv_multiple(&mut original, &mut bufs, &mut sizes, TUN_OFFSET)
+            {
+                Ok(count) => count,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    bump(&shared.counters.malformed_tun_packets);
+                    break;
+                }
+            };
         }
         flush(&shared, &mut batch).await;
     }
