@@ -38,7 +38,7 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut recv = RecvBatch::new();
     let mut inbound = Inbound {
         replies: SendBatch::new(REPLY_SLOTS, shared.datagram_slot),
-        to_tun: TunWriteBatch::new(),
+        to_tun: TunWriteBatch::new(shared.offload),
         max_segments: 1,
         shared,
     };

@@ -171,6 +171,8 @@ pub(crate) struct Shared {
     public_key: x25519::PublicKey,
     udp: udp::Udp,
     tun: tun_rs::AsyncDevice,
+    /// The TUN device carries virtio headers (TSO/GRO offload on).
+    offload: bool,
     /// Largest IP packet read from the TUN (its MTU).
     max_packet: usize,
     /// Room for one outgoing datagram: a full packet plus overhead, and at least a handshake initiation.
@@ -185,7 +187,6 @@ pub struct Engine {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     interface: String,
-    offload: bool,
 }
 
 impl Engine {
@@ -216,6 +217,7 @@ impl Engine {
             public_key,
             udp,
             tun: device,
+            offload,
             max_packet,
             datagram_slot: (max_packet + DATA_OVERHEAD).max(148),
             next_index: Mutex::new(1),
@@ -242,7 +244,6 @@ impl Engine {
             cancel,
             tasks,
             interface: config.interface,
-            offload,
         })
     }
 
@@ -277,7 +278,7 @@ impl Engine {
 
     /// Whether the TUN device runs with TSO/GRO offload.
     pub fn tun_offload(&self) -> bool {
-        self.offload
+        self.shared.offload
     }
 
     pub fn status(&self) -> EngineStatus {

@@ -44,16 +44,30 @@ pub(crate) struct TunWriteBatch {
     bufs: Vec<Vec<u8>>,
     count: usize,
     gro: GROTable,
+    /// The device has a virtio header (offload on).
+    offload: bool,
+    /// Coalescing turned off after the kernel kept refusing coalesced writes (see [`GRO_EINVAL_LIMIT`]).
+    gro_disabled: bool,
+    einval_streak: u32,
 }
 
+/// Some kernels (Linux e269d79c7d35, fixed by 89add40066f9) reject coalesced TUN writes with EINVAL; Tailscale probes
+/// for it and turns GRO off. We turn it off after this many consecutive failed batches and then write each packet
+/// with an empty virtio header (still correct, only slower). Not after one: a single odd packet must not be able to
+/// cost every flow its GRO.
+const GRO_EINVAL_LIMIT: u32 = 3;
+
 impl TunWriteBatch {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(offload: bool) -> Self {
         Self {
             bufs: (0..TUN_BATCH)
                 .map(|_| Vec::with_capacity(TUN_OFFSET + MAX_IP_PACKET))
                 .collect(),
             count: 0,
             gro: GROTable::new(),
+            offload,
+            gro_disabled: false,
+            einval_streak: 0,
         }
     }
 
@@ -79,10 +93,30 @@ impl TunWriteBatch {
         if self.count == 0 {
             return Ok(());
         }
-        let result = device
-            .send_multiple(&mut self.gro, &mut self.bufs[..self.count], TUN_OFFSET)
-            .await;
+        let bufs = &mut self.bufs[..self.count];
         self.count = 0;
-        result.map(|_| ())
+        if self.gro_disabled {
+            let mut result = Ok(());
+            for buf in bufs {
+                // An all-zero virtio header: no GSO, checksum already complete.
+                buf[..TUN_OFFSET].fill(0);
+                if let Err(e) = device.send(buf).await {
+                    result = Err(e);
+                }
+            }
+            return result;
+        }
+        let result = device.send_multiple(&mut self.gro, bufs, TUN_OFFSET).await.map(|_| ());
+        match &result {
+            Err(e) if self.offload && e.raw_os_error() == Some(libc::EINVAL) => {
+                self.einval_streak += 1;
+                if self.einval_streak >= GRO_EINVAL_LIMIT {
+                    tracing::warn!("the kernel rejects coalesced TUN writes; turning TUN GRO off (lower throughput)");
+                    self.gro_disabled = true;
+                }
+            }
+            _ => self.einval_streak = 0,
+        }
+        result
     }
 }
