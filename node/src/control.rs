@@ -75,8 +75,18 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    /// A client for `base_url` (`https://...` or `http://...`), pinning `fingerprint` when given.
+    /// A client for `base_url` (`https://...` or `http://...`), pinning `fingerprint` when given; without one, an
+    /// https coordinator is verified against the CA bundle of [`tls::ca_bundle_path`].
     pub fn new(base_url: &str, fingerprint: Option<CertFingerprint>) -> Result<Self, ControlError> {
+        Self::with_ca_bundle(base_url, fingerprint, &tls::ca_bundle_path())
+    }
+
+    /// Like [`ControlClient::new`] with an explicit CA bundle (used only when there is no fingerprint).
+    pub fn with_ca_bundle(
+        base_url: &str,
+        fingerprint: Option<CertFingerprint>,
+        ca_bundle: &std::path::Path,
+    ) -> Result<Self, ControlError> {
         let base_url = base_url.trim_end_matches('/').to_string();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
@@ -90,7 +100,7 @@ impl ControlClient {
                     pin = Some(verifier.clone());
                     tls::pinned_config(verifier)?
                 }
-                None => tls::system_roots_config()?,
+                None => tls::ca_roots_config(ca_bundle)?,
             };
             builder = builder.use_preconfigured_tls(config);
         } else if fingerprint.is_some() {

@@ -4,8 +4,11 @@
 //! SHA-256 of the coordinator's certificate, so a self-signed certificate is as safe as a CA-issued one: the
 //! [`PinnedCertVerifier`] accepts the server iff the end-entity certificate's DER hashes to the pinned value, and
 //! still checks the handshake signatures (so the server must hold that certificate's private key). Names and expiry
-//! are deliberately not checked: the pin is the whole trust decision. Uses the ring provider (no aws-lc).
+//! are deliberately not checked: the pin is the whole trust decision. A token without a fingerprint but with an
+//! https URL (a coordinator behind a TLS-terminating proxy) is verified the usual way against CA roots
+//! ([`ca_roots_config`]). Uses the ring provider (no aws-lc).
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use meshd_protocol::CertFingerprint;
@@ -16,16 +19,18 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// Where Debian (and most Linux distributions) keep the CA bundle, used only for tokens without a fingerprint.
-const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The conventional variable (OpenSSL, rustls-native-certs) naming another CA bundle file.
+pub const CA_BUNDLE_VAR: &str = "SSL_CERT_FILE";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot set up TLS: {0}")]
     Config(#[from] rustls::Error),
     #[error(
-        "the coordinator uses https without a pinned certificate and no CA roots could be loaded from {SYSTEM_CA_BUNDLE} (install ca-certificates)"
+        "the coordinator uses https without a pinned certificate and no CA roots could be loaded from {0} (install ca-certificates, or name a bundle with SSL_CERT_FILE)"
     )]
-    NoRoots,
+    NoRoots(String),
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -118,15 +123,22 @@ pub fn pinned_config(verifier: Arc<PinnedCertVerifier>) -> Result<ClientConfig, 
         .with_no_client_auth())
 }
 
-/// A client config that trusts the system's CA roots (an https coordinator URL without a fingerprint).
-pub fn system_roots_config() -> Result<ClientConfig, TlsError> {
+/// The CA bundle for https coordinators without a pinned certificate: `$SSL_CERT_FILE`, else the system's.
+pub fn ca_bundle_path() -> PathBuf {
+    std::env::var_os(CA_BUNDLE_VAR).map_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE), PathBuf::from)
+}
+
+/// A client config that trusts the CA certificates in the PEM file `bundle` (an https coordinator URL without a
+/// fingerprint, e.g. behind a TLS-terminating proxy with a CA-issued certificate). Names and expiry are checked
+/// as in any browser.
+pub fn ca_roots_config(bundle: &Path) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
-    if let Ok(certs) = CertificateDer::pem_file_iter(SYSTEM_CA_BUNDLE) {
+    if let Ok(certs) = CertificateDer::pem_file_iter(bundle) {
         let (added, _ignored) = roots.add_parsable_certificates(certs.filter_map(Result::ok));
-        tracing::debug!(added, "loaded system CA roots");
+        tracing::debug!(added, bundle = %bundle.display(), "loaded CA roots");
     }
     if roots.is_empty() {
-        return Err(TlsError::NoRoots);
+        return Err(TlsError::NoRoots(bundle.display().to_string()));
     }
     Ok(ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?

@@ -60,12 +60,18 @@ pub struct Coordinator {
     child: Option<Child>,
     /// How many times `serve` was started (each start logs one "coordinator serving" line).
     starts: usize,
+    extra: Vec<String>,
     api_key: Option<String>,
 }
 
 impl Coordinator {
     /// Starts `serve` on 127.0.0.1 (self-signed TLS, or plain HTTP) and waits until it issues tokens.
     pub fn start(tls: bool) -> Self {
+        Self::start_with(tls, &[])
+    }
+
+    /// Like [`Coordinator::start`] with more `serve` flags (e.g. `--tls-cert`, `--tls-key`).
+    pub fn start_with(tls: bool, extra: &[String]) -> Self {
         let mut coordinator = Self {
             bin: coordinator_bin(),
             data: tempfile::tempdir().expect("tempdir"),
@@ -73,6 +79,7 @@ impl Coordinator {
             tls,
             child: None,
             starts: 0,
+            extra: extra.to_vec(),
             api_key: None,
         };
         coordinator.spawn();
@@ -99,6 +106,7 @@ impl Coordinator {
         if !self.tls {
             command.arg("--no-tls");
         }
+        command.args(&self.extra);
         self.child = Some(command.spawn().expect("spawn meshd-coordinator"));
         self.starts += 1;
         // Ready once it logs that it serves: by then its migrations ran and its public URL and fingerprint are

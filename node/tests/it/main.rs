@@ -2,9 +2,11 @@
 //!
 //! One test binary (link time) with modules: [`harness`] spawns `meshd-coordinator` on 127.0.0.1 and drives agents
 //! whose data plane is a fake; [`agent`] checks join, map following, resume, degraded mode and removal;
-//! [`errors`] checks what a person sees when something is wrong; [`cli`] runs the `meshd` binary itself.
+//! [`errors`] checks what a person sees when something is wrong; [`tls`] checks CA-verified https without a pin;
+//! [`cli`] runs the `meshd` binary itself.
 
 mod agent;
 mod cli;
 mod errors;
 mod harness;
+mod tls;
