@@ -384,11 +384,18 @@ impl Mesh {
     /// Builds the hosts, starts the coordinator, joins `n` nodes (named node1..noden), and waits until every
     /// node lists every other node as a peer.
     pub fn start(lab: &Lab, n: usize) -> Result<Self> {
-        let started = Instant::now();
         let coord_host = lab.add_host("coord")?;
         let hosts = (1..=n)
             .map(|i| lab.add_host(&format!("node{i}")))
             .collect::<Result<Vec<_>>>()?;
+        Self::start_on(lab, coord_host, hosts)
+    }
+
+    /// Like [`Mesh::start`] on hosts the caller built (for example some behind a NAT); node `i` (from 1) of
+    /// `hosts` joins as `node<i>`.
+    pub fn start_on(lab: &Lab, coord_host: Host, hosts: Vec<Host>) -> Result<Self> {
+        let started = Instant::now();
+        let n = hosts.len();
         let coordinator = Coordinator::start(lab, coord_host)?;
         let token = coordinator.create_token(true)?;
         let mut nodes = Vec::new();

@@ -9,6 +9,7 @@ mod connectivity;
 mod coordinator_outage;
 mod harness;
 mod long_session;
+mod nat;
 mod restart;
 mod ssh_session;
 mod transfer;
