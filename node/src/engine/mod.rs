@@ -138,9 +138,7 @@ pub struct EngineStatus {
 /// Why the engine could not start; messages say what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error(
-        "cannot create TUN interface {name}: {source} (run as root or with CAP_NET_ADMIN, check that /dev/net/tun exists, and that no other process uses {name})"
-    )]
+    #[error("cannot create TUN interface {name}: {source} ({})", tun_hint(source, name))]
     OpenTun { name: String, source: std::io::Error },
     #[error(
         "cannot bind UDP port {port}: {source} (is another meshd or WireGuard using it? pick one with --listen-port)"
@@ -181,6 +179,23 @@ pub(crate) struct Shared {
     next_index: Mutex<u32>,
 }
 
+/// What to do about a TUN creation error, by errno.
+fn tun_hint(error: &std::io::Error, name: &str) -> String {
+    match error.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => "run as root or give the agent CAP_NET_ADMIN".to_string(),
+        Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => {
+            "/dev/net/tun is missing: load the tun module (modprobe tun), or in a container pass --device /dev/net/tun"
+                .to_string()
+        }
+        Some(libc::EBUSY) => format!(
+            "interface {name} is in use by another process (another meshd or VPN?): stop it or pick another --interface"
+        ),
+        _ => format!(
+            "run as root or with CAP_NET_ADMIN, check that /dev/net/tun exists, and that no other process uses {name}"
+        ),
+    }
+}
+
 /// A running data plane. Dropping it (or [`Engine::shutdown`]) removes the TUN device.
 pub struct Engine {
     shared: Arc<Shared>,
@@ -201,8 +216,15 @@ impl Engine {
         let udp = udp::bind(config.listen_port)?;
         let (device, offload) = match tun::open(&config, options.tun_offload) {
             Ok(device) => (device, options.tun_offload),
-            Err(e) if options.tun_offload => {
-                tracing::warn!(error = %e, "TUN offload unavailable, retrying without (lower throughput)");
+            // Only an offload refusal is worth a retry; no permission or a busy name fails the same way again.
+            Err(EngineError::OpenTun { source, .. })
+                if options.tun_offload
+                    && !matches!(
+                        source.raw_os_error(),
+                        Some(libc::EPERM | libc::EACCES | libc::EBUSY | libc::ENOENT)
+                    ) =>
+            {
+                tracing::warn!(error = %source, "TUN offload unavailable, retrying without (lower throughput)");
                 (tun::open(&config, false)?, false)
             }
             Err(e) => return Err(e),
