@@ -84,7 +84,10 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHD_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Serve plain HTTP (only behind a TLS-terminating proxy); tokens then carry no certificate fingerprint.
-    #[arg(long, env = "MESHD_NO_TLS", conflicts_with_all = ["tls_cert", "tls_key"])]
+    #[arg(
+        long, env = "MESHD_NO_TLS", conflicts_with_all = ["tls_cert", "tls_key"],
+        action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub no_tls: bool,
     /// Changes kept for nodes that resume their map stream [default: 10000].
     #[arg(long, env = "MESHD_KEEP_CHANGES", value_name = "N")]

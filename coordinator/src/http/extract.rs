@@ -73,6 +73,8 @@ impl FromRequestParts<AppState> for AdminAuth {
 #[derive(Debug, Clone, Copy)]
 pub struct NodeAuth {
     pub node_id: NodeId,
+    /// SHA-256 of the presented secret, so a long-lived stream can re-check that it is still the current one.
+    pub secret_hash: [u8; 32],
 }
 
 const NODE_HINT: &str = "this node's credential is not valid (the node was deleted, or it joined again elsewhere); \
@@ -88,7 +90,10 @@ impl FromRequestParts<AppState> for NodeAuth {
             )));
         };
         match state.store.node_credential_hash(presented.id).await? {
-            Some(Some(hash)) if secrets::hash_matches(&presented.hash, &hash) => Ok(Self { node_id: presented.id }),
+            Some(Some(hash)) if secrets::hash_matches(&presented.hash, &hash) => Ok(Self {
+                node_id: presented.id,
+                secret_hash: presented.hash,
+            }),
             _ => Err(ApiError::unauthorized(NODE_HINT)),
         }
     }

@@ -78,6 +78,7 @@ pub async fn map(
     let session = StreamSession {
         state: state.clone(),
         node_id: node.node_id,
+        secret_hash: node.secret_hash,
         tx,
     };
     tokio::spawn(session.run(changes, since));
@@ -88,6 +89,8 @@ pub async fn map(
 struct StreamSession {
     state: AppState,
     node_id: NodeId,
+    /// Hash of the credential the stream was opened with.
+    secret_hash: [u8; 32],
     tx: mpsc::Sender<Result<Event, Infallible>>,
 }
 
@@ -96,6 +99,7 @@ struct StreamSession {
 enum End {
     ClientGone,
     NodeDeleted,
+    CredentialReplaced,
     Shutdown,
     Store(StoreError),
 }
@@ -142,6 +146,12 @@ impl StreamSession {
                     let Some(json) = event.for_viewer(self.node_id) else {
                         return End::NodeDeleted;
                     };
+                    // A change about this node may be a re-join that replaced its credential: a stream opened with
+                    // the old one must end, as any later request with it fails. Checked only on changes about the
+                    // node itself, so a peer's change still costs this stream nothing but the write.
+                    if event.node_id == self.node_id && !self.credential_still_valid().await {
+                        return End::CredentialReplaced;
+                    }
                     if let Err(end) = self.send(event.version, json).await {
                         return end;
                     }
@@ -189,6 +199,17 @@ impl StreamSession {
             );
         }
         self.send_full().await
+    }
+
+    async fn credential_still_valid(&self) -> bool {
+        match self.state.store.node_credential_hash(self.node_id).await {
+            Ok(Some(Some(hash))) => crate::secrets::hash_matches(&self.secret_hash, &hash),
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(node = self.node_id, error = %e, "could not re-check the node credential; keeping the stream");
+                true
+            }
+        }
     }
 
     async fn send_full(&self) -> Result<u64, End> {

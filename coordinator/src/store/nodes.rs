@@ -57,7 +57,7 @@ impl Store {
             return Err(tokens::TokenRejection::Unknown.into());
         }
         let key = input.public_key.to_base64();
-        let existing = sqlx::query("SELECT id, token_id, kind FROM nodes WHERE public_key = $1")
+        let existing = sqlx::query("SELECT id, token_id FROM nodes WHERE public_key = $1")
             .bind(&key)
             .fetch_optional(&mut *w.tx)
             .await?;
@@ -78,7 +78,6 @@ impl Store {
         let (node_id, rejoined) = match existing {
             Some(row) => {
                 let id: i64 = row.try_get("id")?;
-                let kind: String = row.try_get("kind")?;
                 sqlx::query("UPDATE nodes SET credential_hash = $1, kind = $2, token_id = $3 WHERE id = $4")
                     .bind(&secret.hash_hex)
                     .bind(NodeKind::Meshd.as_str())
@@ -86,9 +85,9 @@ impl Store {
                     .bind(id)
                     .execute(&mut *w.tx)
                     .await?;
-                if kind != NodeKind::Meshd.as_str() {
-                    w.append_change(id, ChangeKind::Changed).await?;
-                }
+                // Always a change (the kind may have changed from `wireguard`, and the node's own open stream,
+                // opened with the replaced credential, re-checks its credential on changes about itself and ends).
+                w.append_change(id, ChangeKind::Changed).await?;
                 w.audit(
                     &format!("node:{id}"),
                     "rejoin",

@@ -35,8 +35,15 @@ async fn join_basics(backend: Backend) {
     assert_eq!(b.ip.to_string(), "10.77.0.3");
     assert_ne!(a.node_id, b.node_id);
 
-    // Same key again: same node, same address, fresh credential; the old one stops working.
+    // Same key again: same node, same address, fresh credential; the old one stops working, and a stream opened with
+    // it ends.
+    let mut old_stream = c.stream(&a.credential, None, None).await;
+    let _ = old_stream.next(Duration::from_secs(5)).await;
     let again = c.join(&token, &key(1), "renamed-host").await;
+    assert!(
+        old_stream.ends_within(Duration::from_secs(2)).await,
+        "the replaced credential's stream ends"
+    );
     assert_eq!(
         (again.node_id, again.ip, again.name.as_str()),
         (a.node_id, a.ip, "laptop")
