@@ -71,6 +71,12 @@ impl TunWriteBatch {
         }
     }
 
+    /// The packets waiting to be written (tests only).
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> Vec<&[u8]> {
+        self.bufs[..self.count].iter().map(|b| &b[TUN_OFFSET..]).collect()
+    }
+
     pub(crate) fn is_full(&self) -> bool {
         self.count == self.bufs.len()
     }

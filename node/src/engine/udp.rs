@@ -260,6 +260,20 @@ impl SendBatch {
         self.runs.is_empty()
     }
 
+    /// The pending datagrams, split per segment, and empties the batch (tests only).
+    #[cfg(test)]
+    pub(crate) fn take_datagrams(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut out = Vec::new();
+        for run in &self.runs {
+            for chunk in self.buf[run.start..run.start + run.len].chunks(run.segment) {
+                out.push((run.destination, chunk.to_vec()));
+            }
+        }
+        self.runs.clear();
+        self.used = 0;
+        out
+    }
+
     /// Sends everything and empties the batch; returns how many sends failed (the datagrams are lost, like on a
     /// congested link: WireGuard and the inner TCP recover).
     pub(crate) async fn flush(&mut self, udp: &Udp) -> u64 {
