@@ -21,6 +21,19 @@
 //! packet path takes no global lock), atomic counters, and one `Mutex<PeerState>` per peer, held for one
 //! encrypt/decrypt because boringtun's `Tunn` takes `&mut self`. Outbound and inbound run in parallel on different
 //! peers, and on the same peer they alternate per packet.
+//!
+//! # The path of a packet
+//! Out: the kernel routes 10.77.0.0/16 into the TUN device -> `outbound` reads a batch (with TSO offload, one read is
+//! a 64 KiB super-packet that tun-rs splits into MTU-sized segments; without, it drains up to 128 ready packets) ->
+//! per packet: IPv4 header check, destination -> peer (/32 map, then longer prefixes), lock that peer, `encapsulate`
+//! straight into the send batch -> one `sendmsg` per run of equal-sized datagrams to one endpoint (UDP GSO).
+//! In: `inbound` `recvmmsg`s up to 32 buffers, each possibly a GRO train of datagrams of one sender -> per datagram:
+//! the shared rate limiter checks it with the sender's address (cookie reply when under load) -> peer by receiver
+//! index (or, for an initiation, by the static key inside) -> lock, `decapsulate` into the TUN batch -> roaming (the
+//! endpoint becomes the source of the authenticated datagram) -> inner source must route back to that peer -> the
+//! batch is written with `send_multiple` (tun-rs coalesces TCP/UDP segments into super-packets: GRO).
+//! Handshake answers go back to the datagram's source; packets boringtun queued during the handshake are flushed
+//! right after (`decapsulate(None, &[])` until Done).
 
 mod counters;
 mod dispatch;
