@@ -24,7 +24,7 @@ pub(crate) const MAX_IP_PACKET: usize = 65535;
 /// Creates the device with the node's address and the overlay prefix (so the kernel routes the whole overlay into
 /// it) and the MTU. Must run inside the tokio runtime.
 pub(crate) fn open(config: &EngineConfig, offload: bool) -> Result<AsyncDevice, EngineError> {
-    DeviceBuilder::new()
+    let device = DeviceBuilder::new()
         .name(config.interface.clone())
         .ipv4(config.address, config.network.prefix_len(), None)
         .mtu(config.mtu)
@@ -33,7 +33,19 @@ pub(crate) fn open(config: &EngineConfig, offload: bool) -> Result<AsyncDevice, 
         .map_err(|source| EngineError::OpenTun {
             name: config.interface.clone(),
             source,
-        })
+        })?;
+    disable_ipv6(&config.interface);
+    Ok(device)
+}
+
+/// The overlay is IPv4 only: without this the kernel gives the device a link-local IPv6 address and sends router
+/// solicitations and MLD reports into it, which the engine could only drop. Best effort (IPv6 may be off already);
+/// the sysctl is per network namespace, like the device.
+fn disable_ipv6(interface: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{interface}/disable_ipv6");
+    if let Err(e) = std::fs::write(&path, "1") {
+        tracing::debug!(%path, error = %e, "could not disable IPv6 on the TUN device");
+    }
 }
 
 /// Decrypted packets waiting to be written to the device in one `send_multiple`.
