@@ -3,6 +3,10 @@
 //! certificate) goes into every join token, so a node pins the exact certificate and needs no CA: secure by default
 //! with zero setup. The self-signed certificate is never regenerated while its files exist (a new one would change
 //! the fingerprint and strand every token); its names (SANs) only matter to browsers and curl, nodes check the pin.
+//!
+//! With `--tls-cert`, tokens pin that certificate too (the issue asks for the fingerprint whenever TLS is served).
+//! A renewed CA-issued certificate has a new fingerprint: tokens made before the renewal then fail the pin, so make
+//! new tokens after renewing (nodes that already joined are the node agent's business: they may re-verify by CA).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -47,6 +47,10 @@ impl Store {
     /// Re-joining with the *same* token it joined with consumes no use, so `meshd join <token>` may be repeated
     /// with a single-use token (e.g. after a crash before the credential was saved); a different token must be
     /// valid and gives up one use. Revoked and expired tokens are refused in every case.
+    ///
+    /// Known limit: public keys are public (every map carries them), so whoever holds a *valid* token can re-enrol
+    /// another node's key and take over its control-plane identity (not its traffic: that needs the private key).
+    /// Closing this needs proof of possession of the private key (an X25519 challenge), a protocol change.
     pub async fn join(&self, input: JoinInput<'_>) -> Result<JoinOutcome> {
         let now = now_unix();
         let mut w = self.write().await?;

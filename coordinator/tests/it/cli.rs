@@ -158,3 +158,36 @@ fn serve_rejects_bad_config() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("sqlite://"));
 }
+
+/// A node deleted with the CLI (another process writing the SQLite database) leaves open streams too: the serving
+/// process's broker polls the change log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_changes_reach_open_streams() {
+    use crate::harness::{Backend, Coord, TestDb, key};
+    use meshd_protocol::MapMessage;
+    use std::time::{Duration, Instant};
+
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let c = Coord::start(&db).await;
+    let token = c.token(serde_json::json!({"reusable": true})).await;
+    let a = c.join(&token, &key(1), "a").await;
+    let b = c.join(&token, &key(2), "b").await;
+    let mut sa = c.stream(&a.credential, None, None).await;
+    let _ = sa.next(Duration::from_secs(5)).await;
+    let started = Instant::now();
+    let d = db.data_dir();
+    let id = b.node_id.to_string();
+    let out =
+        tokio::task::spawn_blocking(move || run(&["--data-dir", d.to_str().expect("utf8"), "node", "delete", &id]))
+            .await
+            .expect("join");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = sa
+        .until(
+            Duration::from_secs(3),
+            |m| matches!(m, MapMessage::PeerRemoved { id, .. } if *id == b.node_id),
+        )
+        .await;
+    eprintln!("CLI deletion reached the stream after {:?}", started.elapsed());
+    c.stop().await;
+}
