@@ -24,6 +24,9 @@ use super::udp::{RecvBatch, SendBatch};
 /// Handshake answers, cookies and flushed queues per send batch (they are rare next to data).
 const REPLY_SLOTS: usize = 64;
 
+/// Consecutive receive errors after which the task backs off briefly instead of spinning.
+const RECEIVE_ERROR_BACKOFF_AFTER: u32 = 100;
+
 /// Smallest buffer boringtun may write a reply into (a handshake initiation is 148 bytes).
 const MIN_REPLY_BUFFER: usize = 148;
 
@@ -36,6 +39,7 @@ struct Inbound {
 
 pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut recv = RecvBatch::new();
+    let mut receive_errors = 0u32;
     let mut inbound = Inbound {
         replies: SendBatch::new(REPLY_SLOTS, shared.datagram_slot),
         to_tun: TunWriteBatch::new(shared.offload),
@@ -49,10 +53,20 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
             received = inbound.shared.udp.recv(&mut recv) => received,
         };
         let slots = match received {
-            Ok(slots) => slots,
+            Ok(slots) => {
+                receive_errors = 0;
+                slots
+            }
             Err(e) => {
-                // ICMP errors surface here as ECONNREFUSED and the like: not fatal for a UDP server socket.
+                // ICMP errors surface here as ECONNREFUSED and the like: not fatal for a UDP server socket. Only a
+                // long streak means the socket itself is broken; then back off instead of spinning.
                 tracing::trace!(error = %e, "udp receive failed");
+                receive_errors += 1;
+                if receive_errors >= RECEIVE_ERROR_BACKOFF_AFTER {
+                    tracing::error!(error = %e, "receiving from the UDP socket keeps failing");
+                    receive_errors = 0;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
                 continue;
             }
         };
