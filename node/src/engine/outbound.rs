@@ -65,14 +65,11 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
                 if batch.needs_flush() {
                     flush(&shared, &mut batch).await;
                 }
-                encapsulate_one(
-                    &shared,
-                    &table,
-                    &buf[TUN_OFFSET..TUN_OFFSET + size],
-                    &mut batch,
-                    now,
-                    max_segments,
-                );
+                let Some(packet) = buf.get(TUN_OFFSET..TUN_OFFSET + size) else {
+                    bump(&shared.counters.malformed_tun_packets);
+                    continue;
+                };
+                encapsulate_one(&shared, &table, packet, &mut batch, now, max_segments);
             }
             packets += count;
             if packets >= TUN_BATCH {
