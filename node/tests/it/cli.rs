@@ -53,3 +53,50 @@ fn exit_statuses_and_messages_for_scripts() {
         assert!(help.contains(command), "--help mentions {command}");
     }
 }
+
+#[test]
+fn leave_needs_the_coordinator_or_force() {
+    use meshd_node::keys::NodeKey;
+    use meshd_node::state::{Identity, StateDir};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("state");
+    let state = StateDir::new(&dir);
+    state.ensure().expect("mkdir");
+    let key = NodeKey::generate();
+    key.save(&state.key_path()).expect("key");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let identity = Identity {
+        node_id: 7,
+        name: "laptop".into(),
+        ip: "10.77.0.7".parse().expect("ip"),
+        network: "10.77.0.0/16".parse().expect("cidr"),
+        coordinator_url: format!("http://127.0.0.1:{closed}"),
+        fingerprint: None,
+        tags: vec![],
+        public_key: key.public_key(),
+    };
+    state.save_identity(&identity, "credential").expect("identity");
+
+    let out = meshd(&dir, &["leave"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("http://127.0.0.1:{closed}")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    assert!(
+        state.has_identity(),
+        "nothing deleted when the coordinator was not told"
+    );
+
+    let out = meshd(&dir, &["leave", "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!state.has_identity());
+    assert!(!state.key_path().exists() && !state.credential_path().exists());
+}
