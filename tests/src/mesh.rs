@@ -75,8 +75,7 @@ impl Coordinator {
     fn cli(&self, args: &[&str]) -> Result<String> {
         let bin = env::coordinator_bin();
         let data_dir = self.data_dir.to_string_lossy();
-        let mut full: Vec<&str> = vec![args[0]];
-        full.extend(&args[1..]);
+        let mut full = args.to_vec();
         full.extend(["--data-dir", &data_dir]);
         self.host
             .run_ok(&bin.to_string_lossy(), &full, CLI_TIMEOUT)

@@ -1,6 +1,6 @@
 //! Scenario 5: the coordinator killed mid-session does not break an open SSH session, and a node restarted
 //! (`meshd down`, `meshd up`) while the coordinator is down reaches its peers again from its cached map, with the
-//! same address.
+//! same address. When the coordinator returns, every agent reconnects by itself.
 
 use std::thread;
 use std::time::Duration;
@@ -75,6 +75,20 @@ fn coordinator_outage_keeps_sessions_and_restarts_work_from_cache() {
         // The ssh session is still alive and printing.
         let now = ticks(&session);
         wait_ticks(&mut session, now + 10, Duration::from_secs(10))?;
+
+        // The coordinator comes back on the same data: every agent reconnects on its own (the reconnect backoff
+        // is capped at 30 s) and is online again.
+        mesh.coordinator.serve(lab)?;
+        wait::until(
+            "all three nodes online again after the coordinator restart",
+            Duration::from_secs(75),
+            Duration::from_millis(500),
+            || {
+                let nodes = mesh.coordinator.nodes()?;
+                let online = nodes.iter().filter(|n| n["online"].as_bool() == Some(true)).count();
+                Ok((nodes.len() == 3 && online == 3).then_some(()))
+            },
+        )?;
         Ok(())
     });
 }
