@@ -54,6 +54,14 @@ pub enum DaemonError {
         "this node was removed from the network by an admin (the coordinator no longer accepts its credential); its peers, cached map and identity were deleted. To join again, get a new token and run `sudo meshd join <token>`"
     )]
     Removed,
+    #[error(
+        "{source}\nthis node did join as {name} ({ip}); once that is fixed, start it with `sudo meshd up` (no new token needed)"
+    )]
+    JoinedButNotStarted {
+        name: String,
+        ip: String,
+        source: Box<DaemonError>,
+    },
 }
 
 impl DaemonError {
@@ -61,6 +69,7 @@ impl DaemonError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Removed | Self::State(StateError::NotJoined { .. }) => 4,
+            Self::JoinedButNotStarted { source, .. } => source.exit_code(),
             _ => 1,
         }
     }
@@ -157,8 +166,16 @@ pub async fn join(
     preflight()?;
     state.ensure()?;
     let lock = ctl::lock_state_dir(&state)?;
-    enrol(&state, token_text, hostname).await?;
-    run(state, args, lock).await
+    let identity = enrol(&state, token_text, hostname).await?;
+    run(state, args, lock).await.map_err(|e| match e {
+        // Whatever stopped the agent from starting, the enrolment itself is done: say so, and how to go on.
+        e @ (DaemonError::Engine(_) | DaemonError::Ctl(_) | DaemonError::Key(_)) => DaemonError::JoinedButNotStarted {
+            name: identity.name.clone(),
+            ip: identity.ip.to_string(),
+            source: Box::new(e),
+        },
+        other => other,
+    })
 }
 
 /// `meshd up`: run from the saved identity until stopped.

@@ -26,7 +26,8 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("meshd: {:#}", failure.error);
+            // Every message already carries its cause (`{:#}` would print the chain twice).
+            eprintln!("meshd: {}", failure.error);
             ExitCode::from(failure.code)
         }
     }
