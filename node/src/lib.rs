@@ -7,7 +7,8 @@
 //! - [`state`]: the state directory and the names of its files (identity, credential, key, cache, socket, lock).
 //! - [`keys`]: the X25519 key pair; the private key stays in a 0600 file and never leaves the machine.
 //! - [`cache`]: the last applied network map on disk, so `meshd up` works with the coordinator down.
-//! - [`tls`]: certificate pinning by SHA-256 (the fingerprint in the join token) with rustls + ring.
+//! - [`tls`]: certificate pinning by SHA-256 (the fingerprint in the join token), or CA roots for an https URL
+//!   without one; rustls + ring.
 //! - [`control`]: HTTP client of the coordinator (join, map stream, endpoints, leave) and reconnect backoff;
 //!   knows nothing of WireGuard.
 //! - [`reconcile`]: pure: network map -> desired peer list for the engine.
