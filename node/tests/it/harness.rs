@@ -1,8 +1,8 @@
 //! Test infrastructure: a real coordinator process on 127.0.0.1, nodes enrolled through the agent's own code, and a
 //! fake data plane that records what the agent asks of it.
 //!
-//! The coordinator binary is taken from `MESHD_COORDINATOR_BIN`, else from next to this test's target directory
-//! (`cargo test --workspace` builds it), else built with cargo. Processes are killed by PID when dropped.
+//! The coordinator binary is taken from `MESHD_COORDINATOR_BIN`, else from this test's target directory
+//! (`cargo test --workspace` builds it). Processes are killed by PID when dropped.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -31,15 +31,13 @@ fn coordinator_bin() -> PathBuf {
     // target/<profile>/deps/it-<hash> -> target/<profile>/meshd-coordinator
     let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
     let bin = profile_dir.join("meshd-coordinator");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "meshd-coordinator"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("running cargo build -p meshd-coordinator");
-        assert!(status.success(), "building meshd-coordinator failed");
-    }
-    assert!(bin.exists(), "meshd-coordinator not found at {}", bin.display());
+    // No nested `cargo build` here: cargo may hold the target directory's lock while tests run.
+    assert!(
+        bin.exists(),
+        "meshd-coordinator not found at {}: build it first (`cargo build -p meshd-coordinator`, or run \
+         `cargo test --workspace`), or set MESHD_COORDINATOR_BIN",
+        bin.display()
+    );
     bin
 }
 
