@@ -195,6 +195,8 @@ pub struct ServeConfig {
     pub public_url: Option<String>,
     pub tls: TlsMode,
     pub keep_changes: u64,
+    /// Handler time limit (not a flag: a tuning knob for embedding and tests).
+    pub request_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -211,6 +213,7 @@ impl ServeConfig {
             public_url: None,
             tls: TlsMode::Off,
             keep_changes: DEFAULT_KEEP_CHANGES,
+            request_timeout: crate::http::REQUEST_TIMEOUT,
         }
     }
 }
@@ -306,6 +309,7 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
         public_url,
         tls,
         keep_changes,
+        request_timeout: crate::http::REQUEST_TIMEOUT,
     })
 }
 

@@ -98,6 +98,7 @@ pub async fn run(
         fingerprint,
         shutdown: cancel.clone(),
         metrics,
+        request_timeout: config.request_timeout,
         openapi_json: OnceLock::new(),
     });
     let app = http::router(state);

@@ -16,9 +16,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use ipnet::Ipv4Net;
 use meshd_protocol::CertFingerprint;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -34,6 +34,9 @@ use crate::store::Store;
 
 /// Largest request body accepted (the biggest legitimate body, a join request, is well under 1 KiB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest a handler may take to produce its response head, body reading included: a client trickling its body
+/// cannot hold a task (and a write-lock waiter) forever. Map streams answer at once, so their long bodies are not cut.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What every handler can reach; cheap to clone.
 #[derive(Clone)]
@@ -50,6 +53,8 @@ pub struct StateInner {
     /// Ends map streams at shutdown (graceful shutdown waits for open responses).
     pub shutdown: CancellationToken,
     pub metrics: PrometheusHandle,
+    /// See [`REQUEST_TIMEOUT`].
+    pub request_timeout: std::time::Duration,
     /// The generated OpenAPI document, set once the router is built.
     pub openapi_json: OnceLock<String>,
 }
@@ -117,7 +122,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), time_limit))
         .layer(axum::middleware::from_fn(record_metrics))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
@@ -131,6 +138,19 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this route does not take that method; see GET /api/v1/openapi.json",
     )
+}
+
+/// Answers 408 in our format when a handler takes longer than the request timeout ([`REQUEST_TIMEOUT`]).
+async fn time_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(state.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("the request took longer than {:?}; retry", state.request_timeout),
+        )
+        .into_response(),
+    }
 }
 
 /// Counts requests and their latency per route template (not per concrete path: bounded label values).

@@ -1,6 +1,7 @@
 //! Admin API: authentication, node reads and updates, validation and error format, audit log, health, metrics and
 //! the OpenAPI document.
 
+use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -407,5 +408,27 @@ async fn audit_health_metrics_openapi(backend: Backend) {
     ] {
         assert!(doc["components"]["schemas"].get(schema).is_some(), "schema {schema}");
     }
+    c.stop().await;
+}
+
+/// A client that stops sending its body gets a 408 in our format instead of holding the handler forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_body_times_out() {
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let c = Coord::start_with(&db, |cfg| cfg.request_timeout = std::time::Duration::from_millis(500)).await;
+    let first: Result<&'static [u8], std::io::Error> = Ok(b"{\"token\": \"");
+    let body = futures::stream::iter([first]).chain(futures::stream::pending());
+    let started = std::time::Instant::now();
+    let r = c
+        .client
+        .post(c.url("/api/v1/join"))
+        .header("content-type", "application/json")
+        .header("content-length", "200")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(error_code(r).await, (408, "timeout".into()));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
     c.stop().await;
 }
