@@ -255,7 +255,9 @@ impl Engine {
             offload,
             max_packet,
             datagram_slot: (max_packet + DATA_OVERHEAD).max(148),
-            next_index: Mutex::new(1),
+            // A random start, like wireguard-go's random indices: the numbers on the wire say nothing about how
+            // many peers there are or in which order they came.
+            next_index: Mutex::new(rand::random::<u32>() & 0x00FF_FFFF),
         });
         let cancel = CancellationToken::new();
         let tasks = vec![
