@@ -57,6 +57,21 @@ pub fn lowest_free(net: Ipv4Net, used: impl IntoIterator<Item = u32>) -> Option<
     (candidate <= last).then(|| Ipv4Addr::from(candidate))
 }
 
+/// The answer from two aggregates over the assignable range, when they suffice: with `count` nodes in the range and
+/// the highest at `max`, the range is densely packed from the first address iff `max - first + 1 == count`, and the
+/// lowest free address is then `max + 1`. `None`: there are gaps (nodes were deleted); search with [`lowest_free`].
+/// This keeps a join O(1) in the common case instead of reading every address.
+pub fn allocate_dense(net: Ipv4Net, count: u64, max: Option<u32>) -> Option<Option<Ipv4Addr>> {
+    let (first, last) = assignable_range(net);
+    match max {
+        None => Some(Some(Ipv4Addr::from(first))),
+        Some(max) if max >= first && u64::from(max - first) + 1 == count => {
+            Some((max < last).then(|| Ipv4Addr::from(max + 1)))
+        }
+        Some(_) => None,
+    }
+}
+
 /// Whether `ip` may belong to a node of `net` (used when checking stored rows against the configured network).
 pub fn is_assignable(net: Ipv4Net, ip: Ipv4Addr) -> bool {
     let (first, last) = assignable_range(net);
@@ -92,6 +107,18 @@ mod tests {
         assert_eq!(lowest_free(n, used), Some("10.77.0.4".parse().expect("ip")));
         let used = [ip("10.77.0.1"), ip("10.77.0.2"), ip("10.77.0.2"), ip("10.77.0.3")];
         assert_eq!(lowest_free(n, used), Some("10.77.0.4".parse().expect("ip")));
+    }
+
+    #[test]
+    fn dense_fast_path_agrees_with_the_search() {
+        let n = net("10.77.0.0/16");
+        assert_eq!(allocate_dense(n, 0, None), Some(Some("10.77.0.2".parse().expect("ip"))));
+        let dense = [ip("10.77.0.2"), ip("10.77.0.3"), ip("10.77.0.4")];
+        assert_eq!(allocate_dense(n, 3, Some(ip("10.77.0.4"))), Some(lowest_free(n, dense)));
+        // .3 was deleted: a gap, so the fast path declines.
+        assert_eq!(allocate_dense(n, 2, Some(ip("10.77.0.4"))), None);
+        let small = net("10.0.0.0/30");
+        assert_eq!(allocate_dense(small, 1, Some(ip("10.0.0.2"))), Some(None), "full");
     }
 
     #[test]

@@ -371,13 +371,21 @@ impl Store {
     }
 
     async fn unique_name_in(tx: &mut sqlx::AnyConnection, base: &str) -> Result<String> {
+        // Usually the hostname is free: one indexed lookup. Only when it is taken, read the names with its prefix.
+        let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE name = $1")
+            .bind(base)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if taken.is_none() {
+            return Ok(base.to_string());
+        }
         // `base` is sanitized ([a-z0-9-]), so it holds no LIKE wildcard.
         let names: Vec<String> = sqlx::query_scalar("SELECT name FROM nodes WHERE name LIKE $1")
             .bind(format!("{}%", &base[..base.len().min(naming::MAX_NAME_LEN - 4)]))
             .fetch_all(&mut *tx)
             .await?;
         let names: HashSet<String> = names.into_iter().collect();
-        Ok(naming::unique(base, |n| names.contains(n)))
+        Ok(naming::unique(base, |n| n == base || names.contains(n)))
     }
 
     async fn ensure_name_free_in(tx: &mut sqlx::AnyConnection, name: &str, except: Option<NodeId>) -> Result<()> {
@@ -395,12 +403,27 @@ impl Store {
 
     async fn free_ip_in(tx: &mut sqlx::AnyConnection, network: Ipv4Net) -> Result<Ipv4Addr> {
         let (first, last) = ipam::assignable_range(network);
-        let used: Vec<i64> = sqlx::query_scalar("SELECT ip FROM nodes WHERE ip >= $1 AND ip <= $2 ORDER BY ip")
-            .bind(i64::from(first))
-            .bind(i64::from(last))
-            .fetch_all(&mut *tx)
-            .await?;
-        ipam::lowest_free(network, used.into_iter().filter_map(|ip| u32::try_from(ip).ok()))
-            .ok_or(StoreError::NetworkFull(network))
+        let (count, max): (i64, Option<i64>) =
+            sqlx::query_as("SELECT COUNT(*), MAX(ip) FROM nodes WHERE ip >= $1 AND ip <= $2")
+                .bind(i64::from(first))
+                .bind(i64::from(last))
+                .fetch_one(&mut *tx)
+                .await?;
+        let max = max
+            .map(|m| u32::try_from(m).map_err(|e| StoreError::Corrupt(format!("ip: {e}"))))
+            .transpose()?;
+        let found = match ipam::allocate_dense(network, count.max(0) as u64, max) {
+            Some(found) => found,
+            None => {
+                // Gaps left by deleted nodes: read the addresses and take the lowest free one.
+                let used: Vec<i64> = sqlx::query_scalar("SELECT ip FROM nodes WHERE ip >= $1 AND ip <= $2 ORDER BY ip")
+                    .bind(i64::from(first))
+                    .bind(i64::from(last))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                ipam::lowest_free(network, used.into_iter().filter_map(|ip| u32::try_from(ip).ok()))
+            }
+        };
+        found.ok_or(StoreError::NetworkFull(network))
     }
 }

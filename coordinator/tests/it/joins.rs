@@ -14,6 +14,36 @@ both_backends! {
     two_hundred_concurrent_joins => two_hundred_concurrent_joins;
     single_use_token_race => single_use_token_race;
     token_rules => token_rules;
+    small_network_fills_and_reuses => small_network_fills_and_reuses;
+}
+
+async fn small_network_fills_and_reuses(backend: Backend) {
+    let db = TestDb::new(&backend).await;
+    let c = Coord::start_with(&db, |cfg| cfg.network = "10.9.0.0/29".parse().expect("cidr")).await;
+    let token = c.token(json!({"reusable": true})).await;
+    let mut ids = Vec::new();
+    for i in 0..5u32 {
+        let j = c.join(&token, &key(i), "n").await;
+        assert_eq!(j.ip.to_string(), format!("10.9.0.{}", i + 2));
+        assert_eq!(j.network.to_string(), "10.9.0.0/29");
+        ids.push(j.node_id);
+    }
+    let r = c.join_raw(&token, &key(9), "n").await;
+    assert_eq!(error_code(r).await, (409, "network_full".into()));
+    // Free two addresses (a gap in the middle and one at the top): the lowest is reused first.
+    for id in [ids[3], ids[1]] {
+        let r = c
+            .admin(reqwest::Method::DELETE, &format!("/api/v1/nodes/{id}"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 204);
+    }
+    assert_eq!(c.join(&token, &key(10), "n").await.ip.to_string(), "10.9.0.3");
+    assert_eq!(c.join(&token, &key(11), "n").await.ip.to_string(), "10.9.0.5");
+    let r = c.join_raw(&token, &key(12), "n").await;
+    assert_eq!(error_code(r).await, (409, "network_full".into()));
+    c.stop().await;
 }
 
 async fn join_basics(backend: Backend) {

@@ -147,14 +147,15 @@ async fn deletion_reaches_streams_within_two_seconds(backend: Backend) {
     let a = c.join(&token, &key(1), "a").await;
     let b = c.join(&token, &key(2), "b").await;
     let mut sa = c.stream(&a.credential, None, None).await;
-    let mut sb = c.stream(&b.credential, None, None).await;
     assert_eq!(full(sa.next(WAIT).await).peers.len(), 1);
+    // Open b's stream only after a has its map, so that a is sure to see b come online (as a delta); then the next
+    // message a gets is the removal.
+    let mut sb = c.stream(&b.credential, None, None).await;
     let _ = full(sb.next(WAIT).await);
-    // Let a see b come online first, so the next message is the removal.
     let _ = sa
         .until(
             WAIT,
-            |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.online),
+            |m| matches!(m, MapMessage::PeerChanged { peer, .. } if peer.id == b.node_id && peer.online),
         )
         .await;
 
