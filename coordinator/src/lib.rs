@@ -88,6 +88,21 @@ pub async fn run(
         tls = ?fingerprint.map(|f| f.to_hex()), "coordinator serving"
     );
 
+    // Load the certificate before starting anything that would need stopping if it fails.
+    let tls_files = match tls_files {
+        None => None,
+        Some(files) => Some(
+            axum_server::tls_rustls::RustlsConfig::from_pem_file(&files.cert, &files.key)
+                .await
+                .with_context(|| {
+                    format!(
+                        "loading TLS certificate {} and key {}",
+                        files.cert.display(),
+                        files.key.display()
+                    )
+                })?,
+        ),
+    };
     let cancel = CancellationToken::new();
     let broker = broker::Broker::start(store.clone(), config.keep_changes, cancel.clone()).await?;
     let state = http::AppState::new(http::StateInner {
@@ -119,16 +134,7 @@ pub async fn run(
                 .await
                 .context("serving HTTP")
         }
-        Some(files) => {
-            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&files.cert, &files.key)
-                .await
-                .with_context(|| {
-                    format!(
-                        "loading TLS certificate {} and key {}",
-                        files.cert.display(),
-                        files.key.display()
-                    )
-                })?;
+        Some(rustls) => {
             let handle = axum_server::Handle::new();
             let stopper = handle.clone();
             tokio::spawn(async move {
