@@ -10,6 +10,19 @@ use serde::{Deserialize, Serialize};
 use crate::key::PublicKey;
 use crate::netmap::NodeId;
 
+pub use crate::proof::{JOIN_PROOF_LEN, join_proof, verify_join_proof};
+
+/// `GET /api/v1/info` (unauthenticated): what a node needs before it joins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CoordinatorInfo {
+    /// [`crate::PROTOCOL_VERSION`] of the coordinator.
+    pub protocol_version: u32,
+    /// The coordinator's static X25519 join key; a joining node proves possession of its own private key with a
+    /// Diffie-Hellman against it (see [`crate::proof`]). The same for every replica on one database.
+    pub join_key: PublicKey,
+}
+
 /// `POST /api/v1/join`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -20,6 +33,11 @@ pub struct JoinRequest {
     pub public_key: PublicKey,
     /// Wanted name; the coordinator makes it DNS-safe and unique (`laptop`, `laptop-2`, ...).
     pub hostname: String,
+    /// Proof of possession of the private key of `public_key`: standard base64 of [`join_proof`] computed with
+    /// `X25519(node private key, CoordinatorInfo::join_key)` over this request's token id, public key and hostname.
+    /// Required: absent (empty) or wrong is refused with `proof_invalid`.
+    #[serde(default)]
+    pub proof: String,
 }
 
 /// Answer to a successful join. Joining again with the same public key returns the same node.
@@ -81,6 +99,8 @@ pub mod error_codes {
     pub const TOKEN_EXPIRED: &str = "token_expired";
     pub const TOKEN_REVOKED: &str = "token_revoked";
     pub const TOKEN_USED_UP: &str = "token_used_up";
+    /// A join without a valid proof of possession of the private key (a node bug or a forged request).
+    pub const PROOF_INVALID: &str = "proof_invalid";
     pub const NETWORK_FULL: &str = "network_full";
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
     pub const INTERNAL: &str = "internal";

@@ -4,6 +4,7 @@
 //! - [`key`]: typed WireGuard public keys that print short and parse strictly.
 //! - [`token`]: the join token, one opaque string with everything a node needs to enrol.
 //! - [`api`]: request and response bodies of the node-facing HTTP API and the error body of every route.
+//! - [`proof`]: the join proof, how a joining node proves possession of its private key (X25519 + HMAC).
 //! - [`netmap`]: a node's view of the network and the deltas that keep it current.
 //!
 //! Invariants: this crate does no IO and pulls in no runtime, database or web framework (the optional
@@ -13,6 +14,7 @@
 pub mod api;
 pub mod key;
 pub mod netmap;
+pub mod proof;
 pub mod token;
 
 pub use key::{KeyError, PublicKey};
@@ -20,11 +22,14 @@ pub use netmap::{MapMessage, MapNode, NetworkMap, NodeId};
 pub use token::{CertFingerprint, JoinToken, TokenError};
 
 /// Version of the node <-> coordinator protocol. History:
-/// - 1 (2026-11): join, SSE network map with versioned deltas, endpoint reports.
+/// - 1 (2026-11): join (with a proof of possession of the private key, `GET /api/v1/info`), SSE network map with
+///   versioned deltas, endpoint reports.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// HTTP paths of the node-facing API, so both sides name them once.
 pub mod paths {
+    /// `GET` (unauthenticated): protocol version and the coordinator's join key ([`crate::api::CoordinatorInfo`]).
+    pub const INFO: &str = "/api/v1/info";
     /// `POST`: enrol with a join token ([`crate::api::JoinRequest`] -> [`crate::api::JoinResponse`]).
     pub const JOIN: &str = "/api/v1/join";
     /// `GET`: the node's network map as Server-Sent Events; `?since=V` or `Last-Event-ID: V` resumes.
