@@ -59,6 +59,16 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, codes::TOKEN_INVALID, message)
     }
 
+    /// A join that does not prove possession of the private key of its public key.
+    pub fn proof_invalid() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            codes::PROOF_INVALID,
+            "the join request does not prove possession of the private key of its public key (missing or wrong \
+             `proof`): a bug in the node, or a forged request; a node joins with its own key only",
+        )
+    }
+
     /// Logs the cause; the client learns only that it was our fault.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error answering a request");

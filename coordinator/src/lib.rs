@@ -11,6 +11,7 @@
 //!   addresses, names, token validity, map building, wg-quick files, credential formats.
 //! - [`ops`]: operations shared by the API and the CLI; [`cli`]: the non-serving commands.
 //! - [`tls`]: the self-signed certificate and its fingerprint; [`telemetry`]: Prometheus metrics.
+//! - [`joinkey`]: the static X25519 join key and the check of join proofs (proof of possession of a node's key).
 //!
 //! Entry point for tests and embedding: [`run`] with a bound listener and a shutdown future.
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod ipam;
+pub mod joinkey;
 pub mod model;
 pub mod naming;
 pub mod netmap;
@@ -61,6 +63,7 @@ pub async fn run(
         .await
         .with_context(|| format!("opening the database {}", redact_url(&config.storage.database_url)))?;
     check_network(&store, config.network).await?;
+    let join_key = load_join_key(&store).await?;
 
     let local = listener.local_addr().context("reading the listening address")?;
     let tls_on = config.tls != TlsMode::Off;
@@ -111,6 +114,7 @@ pub async fn run(
         network: config.network,
         public_url,
         fingerprint,
+        join_key,
         shutdown: cancel.clone(),
         metrics,
         request_timeout: config.request_timeout,
@@ -171,6 +175,17 @@ async fn check_network(store: &Store, network: ipnet::Ipv4Net) -> anyhow::Result
     }
     store.set_setting(settings_keys::NETWORK, &network.to_string()).await?;
     Ok(())
+}
+
+/// The join key from the database, generated and stored on the first start (shared by every replica).
+async fn load_join_key(store: &Store) -> anyhow::Result<joinkey::JoinKey> {
+    let stored = store
+        .setting_or_insert(settings_keys::JOIN_KEY, &joinkey::JoinKey::generate_stored())
+        .await
+        .context("reading the join key from the database")?;
+    let key = joinkey::JoinKey::from_stored(&stored)?;
+    tracing::debug!(join_key = ?key.public_key(), "join key loaded");
+    Ok(key)
 }
 
 /// Host part of a URL (`https://host:port` -> `host`, brackets of IPv6 literals removed).

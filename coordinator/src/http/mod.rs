@@ -30,6 +30,7 @@ use utoipa_axum::routes;
 
 use crate::broker::Broker;
 use crate::error::ApiError;
+use crate::joinkey::JoinKey;
 use crate::store::Store;
 
 /// Largest request body accepted (the biggest legitimate body, a join request, is well under 1 KiB).
@@ -50,6 +51,8 @@ pub struct StateInner {
     pub public_url: String,
     /// Written into tokens; `None` when serving plain HTTP.
     pub fingerprint: Option<CertFingerprint>,
+    /// Join proofs are checked against it; its public half is published by `GET /api/v1/info`.
+    pub join_key: JoinKey,
     /// Ends map streams at shutdown (graceful shutdown waits for open responses).
     pub shutdown: CancellationToken,
     pub metrics: PrometheusHandle,
@@ -102,6 +105,7 @@ impl Modify for SecuritySchemes {
 /// Builds the router and the OpenAPI document (stored in the state for `GET /api/v1/openapi.json`).
 pub fn router(state: AppState) -> Router {
     let (router, doc) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
+        .routes(routes!(node::info))
         .routes(routes!(node::join))
         .routes(routes!(stream::map))
         .routes(routes!(node::report_endpoints))

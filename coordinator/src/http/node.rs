@@ -1,11 +1,15 @@
-//! Routes the meshd agent calls: join, endpoint reports, leave. (The map stream is in [`super::stream`].)
+//! Routes the meshd agent calls: info, join, endpoint reports, leave. (The map stream is in [`super::stream`].)
+//!
+//! Every join proves possession of the private key of its public key (see [`meshd_protocol::proof`]): the proof is
+//! checked before the database is touched, for a first join and a re-join alike, so no token holder can take over
+//! another node's record by presenting its (public) key.
 
 use std::net::SocketAddr;
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use meshd_protocol::api::{EndpointReport, ErrorBody, JoinRequest, JoinResponse, MAX_ENDPOINTS};
+use meshd_protocol::api::{CoordinatorInfo, EndpointReport, ErrorBody, JoinRequest, JoinResponse, MAX_ENDPOINTS};
 use meshd_protocol::{JoinToken, PROTOCOL_VERSION};
 
 use super::AppState;
@@ -17,14 +21,26 @@ use crate::telemetry;
 /// Longest hostname accepted (a full DNS name); it is cut to one 63-character label anyway.
 const MAX_HOSTNAME_LEN: usize = 253;
 
-/// Enrol this machine with a join token.
+/// What a node needs before it joins: the protocol version and the join key its proof is made against.
+#[utoipa::path(
+    get, path = "/api/v1/info", tag = "node",
+    responses((status = 200, description = "Protocol version and the coordinator's join key", body = CoordinatorInfo))
+)]
+pub async fn info(State(state): State<AppState>) -> Json<CoordinatorInfo> {
+    Json(CoordinatorInfo {
+        protocol_version: PROTOCOL_VERSION,
+        join_key: state.join_key.public_key(),
+    })
+}
+
+/// Enrol this machine with a join token, proving possession of the private key (`proof`).
 #[utoipa::path(
     post, path = "/api/v1/join", tag = "node",
     request_body = JoinRequest,
     responses(
         (status = 200, description = "Joined (or joined again with a known key: same node and address)", body = JoinResponse),
         (status = 400, description = "Bad JSON, key or hostname, or a damaged token (`token_invalid`)", body = ErrorBody),
-        (status = 401, description = "Unknown token (`token_invalid`)", body = ErrorBody),
+        (status = 401, description = "Unknown token (`token_invalid`), or no valid proof of possession of the private key (`proof_invalid`)", body = ErrorBody),
         (status = 403, description = "Token expired, revoked or used up", body = ErrorBody),
         (status = 409, description = "The network has no free address (`network_full`)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
@@ -48,6 +64,13 @@ async fn join_inner(state: &AppState, request: &JoinRequest) -> Result<JoinRespo
         return Err(ApiError::bad_request(format!(
             "hostname is longer than {MAX_HOSTNAME_LEN} characters"
         )));
+    }
+    // Before the database: a request that does not prove the key costs no lock and no query.
+    if !state
+        .join_key
+        .verify(&token.id, &request.public_key, &request.hostname, &request.proof)
+    {
+        return Err(ApiError::proof_invalid());
     }
     let input = JoinInput {
         token: &token,

@@ -31,7 +31,7 @@ mod settings;
 
 /// Names of the settings rows.
 pub mod settings_keys {
-    pub use super::settings::{CERT_FINGERPRINT, NETWORK, PRUNED_THROUGH, PUBLIC_URL};
+    pub use super::settings::{CERT_FINGERPRINT, JOIN_KEY, NETWORK, PRUNED_THROUGH, PUBLIC_URL};
 }
 mod tokens;
 

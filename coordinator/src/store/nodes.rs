@@ -43,14 +43,15 @@ impl Store {
     /// Enrols a node with a join token (or re-enrols a known public key), in one serialized transaction.
     ///
     /// Re-joining with the same public key returns the same node and address with a fresh credential (the old one
-    /// stops working: whoever re-joins holds a valid token, and a node that lost its state must be able to recover).
+    /// stops working: whoever re-joins holds a valid token *and* the node's private key, which the HTTP layer checked
+    /// with the join proof before calling this; a node that lost its state but kept its key must be able to recover).
     /// Re-joining with the *same* token it joined with consumes no use, so `meshd join <token>` may be repeated
     /// with a single-use token (e.g. after a crash before the credential was saved); a different token must be
     /// valid and gives up one use. Revoked and expired tokens are refused in every case.
     ///
-    /// Known limit: public keys are public (every map carries them), so whoever holds a *valid* token can re-enrol
-    /// another node's key and take over its control-plane identity (not its traffic: that needs the private key).
-    /// Closing this needs proof of possession of the private key (an X25519 challenge), a protocol change.
+    /// Callers must have verified the join proof (possession of the private key of `public_key`, see
+    /// [`meshd_protocol::proof`]): public keys are public, so without it any token holder could re-enrol another
+    /// node's key and take over its record.
     pub async fn join(&self, input: JoinInput<'_>) -> Result<JoinOutcome> {
         let now = now_unix();
         let mut w = self.write().await?;

@@ -1,5 +1,5 @@
-//! Key/value settings: what `serve` publishes for the CLI (public URL, certificate fingerprint, network) and the
-//! change log's pruning mark.
+//! Key/value settings: what `serve` publishes for the CLI (public URL, certificate fingerprint, network), the
+//! coordinator's join key (shared by every replica on one database) and the change log's pruning mark.
 
 use super::{Result, Store};
 
@@ -9,6 +9,8 @@ pub const PUBLIC_URL: &str = "public_url";
 pub const CERT_FINGERPRINT: &str = "cert_fingerprint";
 /// The overlay network nodes were allocated from.
 pub const NETWORK: &str = "network";
+/// The coordinator's X25519 join key (private, base64), see [`crate::joinkey`]; never printed.
+pub const JOIN_KEY: &str = "join_key";
 /// Every change with a version at or below this was pruned from the log.
 pub const PRUNED_THROUGH: &str = "pruned_through";
 
@@ -24,6 +26,23 @@ impl Store {
         let mut w = self.write().await?;
         Self::set_setting_in(&mut w.tx, key, value).await?;
         w.commit().await
+    }
+
+    /// The value of `key`, storing `candidate` first if there is none: of processes racing to create it (replicas
+    /// starting together), every one gets the value the first one stored.
+    pub async fn setting_or_insert(&self, key: &str, candidate: &str) -> Result<String> {
+        let mut w = self.write().await?;
+        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .bind(candidate)
+            .execute(&mut *w.tx)
+            .await?;
+        let value: String = sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+            .bind(key)
+            .fetch_one(&mut *w.tx)
+            .await?;
+        w.commit().await?;
+        Ok(value)
     }
 
     pub(super) async fn set_setting_in(tx: &mut sqlx::AnyConnection, key: &str, value: &str) -> Result<()> {

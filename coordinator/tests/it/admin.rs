@@ -263,6 +263,7 @@ async fn bad_inputs_are_400_in_our_format(backend: Backend) {
 
 /// Every route of issue 2 (and the device routes), as (method, OpenAPI path).
 const ROUTES: &[(&str, &str)] = &[
+    ("get", "/api/v1/info"),
     ("post", "/api/v1/join"),
     ("get", "/api/v1/map"),
     ("put", "/api/v1/node/endpoints"),
@@ -399,6 +400,7 @@ async fn audit_health_metrics_openapi(backend: Backend) {
         .sum();
     assert_eq!(documented, ROUTES.len(), "no undocumented or unexpected routes");
     for schema in [
+        "CoordinatorInfo",
         "JoinRequest",
         "JoinResponse",
         "MapMessage",

@@ -50,7 +50,7 @@ async fn register_device_and_download_config(backend: Backend) {
         .until(Duration::from_secs(5), |m| matches!(m, MapMessage::PeerAdded { .. }))
         .await;
     assert!(
-        matches!(&m, MapMessage::PeerAdded { peer, .. } if peer.id == phone_id && peer.public_key == phone_key && peer.endpoints.is_empty())
+        matches!(&m, MapMessage::PeerAdded { peer, .. } if peer.id == phone_id && peer.public_key == *phone_key && peer.endpoints.is_empty())
     );
 
     // Conflicts and validation.

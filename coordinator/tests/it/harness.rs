@@ -8,14 +8,17 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use meshd_coordinator::config::ServeConfig;
-use meshd_protocol::api::{JoinResponse, MAX_ENDPOINTS};
-use meshd_protocol::{MapMessage, PublicKey};
+use meshd_protocol::api::{CoordinatorInfo, JoinResponse, MAX_ENDPOINTS, join_proof};
+use meshd_protocol::{JoinToken, MapMessage, PublicKey};
 use serde_json::{Value, json};
 use sqlx::Connection;
 use tokio::sync::oneshot;
+use x25519_dalek::StaticSecret;
 
 pub const PG_ENV: &str = "MESHD_TEST_POSTGRES_URL";
 const _: usize = MAX_ENDPOINTS;
@@ -242,18 +245,48 @@ impl Coord {
         v["token"].as_str().expect("token field").to_string()
     }
 
-    /// Raw join.
-    pub async fn join_raw(&self, token: &str, key: &PublicKey, hostname: &str) -> reqwest::Response {
+    /// The coordinator's join key, as `GET /api/v1/info` publishes it.
+    pub async fn join_key(&self) -> PublicKey {
+        let r = self
+            .client
+            .get(self.url("/api/v1/info"))
+            .send()
+            .await
+            .expect("send info");
+        assert_eq!(r.status(), 200, "info: {}", r.text().await.unwrap_or_default());
+        let info: CoordinatorInfo = r.json().await.expect("info body");
+        assert_eq!(info.protocol_version, meshd_protocol::PROTOCOL_VERSION);
+        info.join_key
+    }
+
+    /// Raw join, proving possession of `key` as a real node does.
+    pub async fn join_raw(&self, token: &str, key: &TestKey, hostname: &str) -> reqwest::Response {
+        let proof = key.proof(&self.join_key().await, &token_id(token), key, hostname);
+        self.join_with_proof(token, key, hostname, Some(&proof)).await
+    }
+
+    /// Raw join with the given proof (`None`: the field is left out).
+    pub async fn join_with_proof(
+        &self,
+        token: &str,
+        key: &PublicKey,
+        hostname: &str,
+        proof: Option<&str>,
+    ) -> reqwest::Response {
+        let mut body = json!({"token": token, "public_key": key.to_string(), "hostname": hostname});
+        if let Some(proof) = proof {
+            body["proof"] = json!(proof);
+        }
         self.client
             .post(self.url("/api/v1/join"))
-            .json(&json!({"token": token, "public_key": key.to_string(), "hostname": hostname}))
+            .json(&body)
             .send()
             .await
             .expect("send join")
     }
 
     /// A join that must succeed.
-    pub async fn join(&self, token: &str, key: &PublicKey, hostname: &str) -> JoinResponse {
+    pub async fn join(&self, token: &str, key: &TestKey, hostname: &str) -> JoinResponse {
         let r = self.join_raw(token, key, hostname).await;
         assert_eq!(r.status(), 200, "join: {}", r.text().await.unwrap_or_default());
         r.json().await.expect("join response")
@@ -346,13 +379,55 @@ impl MapStream {
     }
 }
 
-/// A distinct valid public key per call (tests never need the private half).
-pub fn key(n: u32) -> PublicKey {
+/// A node's real X25519 key pair, so that its joins can prove possession of the private key. Dereferences to its
+/// public key.
+#[derive(Clone)]
+pub struct TestKey {
+    secret: StaticSecret,
+    public: PublicKey,
+}
+
+impl TestKey {
+    fn from_secret(secret: StaticSecret) -> Self {
+        let public = PublicKey::from_bytes(x25519_dalek::PublicKey::from(&secret).to_bytes());
+        Self { secret, public }
+    }
+
+    /// The join proof (base64) for joining as `as_key` with this key's private half (a forgery when `as_key` is
+    /// not this key's public key), against the coordinator's `join_key`.
+    pub fn proof(&self, join_key: &PublicKey, token_id: &str, as_key: &PublicKey, hostname: &str) -> String {
+        let shared = self
+            .secret
+            .diffie_hellman(&x25519_dalek::PublicKey::from(*join_key.as_bytes()));
+        STANDARD.encode(join_proof(shared.as_bytes(), token_id, as_key, hostname))
+    }
+}
+
+impl std::fmt::Debug for TestKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TestKey({:?})", self.public)
+    }
+}
+
+impl std::ops::Deref for TestKey {
+    type Target = PublicKey;
+    fn deref(&self) -> &PublicKey {
+        &self.public
+    }
+}
+
+/// A distinct key pair per `n` (and per test process), the same on every call with the same `n`.
+pub fn key(n: u32) -> TestKey {
     let mut bytes = [0u8; 32];
     bytes[..4].copy_from_slice(&n.to_be_bytes());
     bytes[4..8].copy_from_slice(&std::process::id().to_be_bytes());
-    bytes[31] = 1;
-    PublicKey::from_bytes(bytes)
+    bytes[31] = 0x5a;
+    TestKey::from_secret(StaticSecret::from(bytes))
+}
+
+/// The token id of a token string; empty when it does not parse (tests of damaged tokens).
+pub fn token_id(token: &str) -> String {
+    JoinToken::parse(token).map(|t| t.id).unwrap_or_default()
 }
 
 /// Error code of an error response (asserting the body format).

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::both_backends;
-use crate::harness::{Backend, Coord, TestDb, error_code, key};
+use crate::harness::{Backend, Coord, TestDb, error_code, key, token_id};
 use meshd_protocol::JoinToken;
 
 both_backends! {
@@ -118,15 +118,18 @@ async fn two_hundred_concurrent_joins(backend: Backend) {
     let db = TestDb::new(&backend).await;
     let c = Coord::start(&db).await;
     let token = c.token(json!({"reusable": true})).await;
+    let join_key = c.join_key().await;
     let mut tasks = Vec::new();
     for i in 0..N {
         let client = c.client.clone();
         let url = c.url("/api/v1/join");
         let token = token.clone();
+        let node = key(1000 + i);
+        let proof = node.proof(&join_key, &token_id(&token), &node, "worker");
         tasks.push(tokio::spawn(async move {
             let r = client
                 .post(url)
-                .json(&json!({"token": token, "public_key": key(1000 + i).to_string(), "hostname": "worker"}))
+                .json(&json!({"token": token, "public_key": node.to_string(), "hostname": "worker", "proof": proof}))
                 .send()
                 .await
                 .expect("send");

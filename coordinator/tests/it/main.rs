@@ -8,6 +8,7 @@ mod cli;
 mod devices;
 mod joins;
 mod persistence;
+mod proofs;
 mod replicas;
 mod stream;
 mod tls;

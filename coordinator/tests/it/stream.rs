@@ -39,7 +39,7 @@ async fn full_map_then_deltas(backend: Backend) {
     assert!(map.self_node.online, "a node is online while its stream is connected");
     assert_eq!(map.network.to_string(), "10.77.0.0/16");
     assert_eq!(map.peers.len(), 1);
-    assert_eq!(map.peers[0].public_key, key(2));
+    assert_eq!(map.peers[0].public_key, *key(2));
     assert!(!map.peers[0].online);
     let mut state = Some(map);
 
