@@ -1,6 +1,7 @@
 //! The HTTP client of the coordinator's node-facing API. Knows nothing of WireGuard.
 //!
-//! Owns: joining with a token, following the network map (Server-Sent Events, resumed with `?since=V`), reporting
+//! Owns: joining with a token (fetching the coordinator's join key and sending the proof of possession of this node's
+//! private key, computed by [`NodeKey`], over the same pinned connection), following the network map (Server-Sent Events, resumed with `?since=V`), reporting
 //! endpoints, leaving, TLS pinning (through [`crate::tls`]) and the reconnect [`Backoff`]. Turns every failure into a
 //! [`ControlError`] a person can act on: which URL was unreachable, why a token was rejected, which certificate was
 //! met instead of the pinned one, or that this node's credential no longer works (the admin deleted it).
@@ -10,13 +11,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
-use meshd_protocol::api::{EndpointReport, ErrorBody, JoinRequest, JoinResponse, error_codes};
+use meshd_protocol::api::{CoordinatorInfo, EndpointReport, ErrorBody, JoinRequest, JoinResponse, error_codes};
 use meshd_protocol::{CertFingerprint, JoinToken, MapMessage, paths};
 use rand::Rng;
 use reqwest::{RequestBuilder, Response, StatusCode};
 
+use crate::keys::NodeKey;
 use crate::tls::{self, PinnedCertVerifier, TlsError};
 
 /// Time allowed to open a TCP connection to the coordinator.
@@ -42,6 +46,11 @@ pub enum ControlError {
         reason: &'static str,
         message: String,
     },
+    #[error(
+        "the coordinator refused this node's proof that it holds its private key ({message}); this is a bug in meshd \
+         or the coordinator, or something between them alters requests: report it with both versions"
+    )]
+    ProofRejected { message: String },
     #[error("the coordinator no longer accepts this node's credential ({message})")]
     Unauthorized { message: String },
     #[error("the coordinator answered {status} ({code}: {message})")]
@@ -60,6 +69,7 @@ impl ControlError {
             Self::Http { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             Self::FingerprintMismatch { .. }
             | Self::TokenRejected { .. }
+            | Self::ProofRejected { .. }
             | Self::Unauthorized { .. }
             | Self::Tls(_) => false,
         }
@@ -121,16 +131,57 @@ impl ControlClient {
         &self.base_url
     }
 
-    /// `POST /api/v1/join`.
-    pub async fn join(&self, request: &JoinRequest) -> Result<JoinResponse, ControlError> {
+    /// `GET /api/v1/info`: the coordinator's protocol version and join key.
+    pub async fn info(&self) -> Result<CoordinatorInfo, ControlError> {
+        let call = self.http.get(self.url(paths::INFO)).timeout(CALL_TIMEOUT);
+        let response = self.send(call).await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Err(ControlError::Http {
+                status: 404,
+                code: error_codes::NOT_FOUND.into(),
+                message: format!(
+                    "{} is missing: the coordinator is older than this meshd and cannot check join proofs; upgrade it",
+                    paths::INFO
+                ),
+            });
+        }
+        if !response.status().is_success() {
+            return Err(error_from(response).await);
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| ControlError::Protocol(format!("info response: {e}")))
+    }
+
+    /// Enrols `key` with the token `token_text` (`POST /api/v1/join`): fetches the coordinator's join key first and
+    /// sends the proof that this node holds the private key. Both calls go over this client's (pinned) connection;
+    /// the private key never leaves [`NodeKey`].
+    pub async fn join(&self, token_text: &str, key: &NodeKey, hostname: &str) -> Result<JoinResponse, ControlError> {
+        let token = JoinToken::parse(token_text).map_err(|e| ControlError::TokenRejected {
+            code: error_codes::TOKEN_INVALID.into(),
+            reason: "it is not valid (unknown, malformed or mistyped)",
+            message: e.to_string(),
+        })?;
+        let info = self.info().await?;
+        let request = JoinRequest {
+            token: token_text.trim().to_string(),
+            public_key: key.public_key(),
+            hostname: hostname.to_string(),
+            proof: STANDARD.encode(key.join_proof(&info.join_key, &token.id, hostname)),
+        };
         let call = self
             .http
             .post(self.url(paths::JOIN))
             .timeout(CALL_TIMEOUT)
-            .json(request);
+            .json(&request);
         let response = self.send(call).await?;
         if !response.status().is_success() {
-            return Err(token_error(error_from(response).await));
+            let (status, code, message) = error_parts(response).await;
+            if status == StatusCode::UNAUTHORIZED && code == error_codes::PROOF_INVALID {
+                return Err(ControlError::ProofRejected { message });
+            }
+            return Err(token_error(error_of(status, code, message)));
         }
         response
             .json()
@@ -260,12 +311,22 @@ impl MapStream {
 
 /// Reads an error response into a [`ControlError`], using the coordinator's [`ErrorBody`] when there is one.
 async fn error_from(response: Response) -> ControlError {
+    let (status, code, message) = error_parts(response).await;
+    error_of(status, code, message)
+}
+
+/// Status, code and message of an error response (code `unknown` when the body is not our [`ErrorBody`]).
+async fn error_parts(response: Response) -> (StatusCode, String, String) {
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
     let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
         Ok(body) => (body.error.code, body.error.message),
         Err(_) => (String::from("unknown"), text.chars().take(200).collect()),
     };
+    (status, code, message)
+}
+
+fn error_of(status: StatusCode, code: String, message: String) -> ControlError {
     if status == StatusCode::UNAUTHORIZED {
         return ControlError::Unauthorized { message };
     }

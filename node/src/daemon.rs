@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use meshd_protocol::api::JoinRequest;
 use meshd_protocol::{JoinToken, PROTOCOL_VERSION};
 use tokio_util::sync::CancellationToken;
 
@@ -135,12 +134,7 @@ pub async fn enrol(state: &StateDir, token_text: &str, hostname: Option<String>)
     let client = ControlClient::for_token(&token)?;
     let hostname = hostname.unwrap_or_else(default_hostname);
     tracing::info!(coordinator = %token.coordinator_url, %hostname, key = ?key.public_key(), "joining");
-    let request = JoinRequest {
-        token: token_text.trim().to_string(),
-        public_key: key.public_key(),
-        hostname,
-    };
-    let response = client.join(&request).await?;
+    let response = client.join(token_text, &key, &hostname).await?;
     if response.protocol_version != PROTOCOL_VERSION {
         tracing::warn!(
             ours = PROTOCOL_VERSION,

@@ -2,7 +2,8 @@
 //!
 //! Owns generating the X25519 key (x25519-dalek, on this machine) and keeping the private key in the state directory
 //! with mode 0600 from the moment the file exists. The private key is never sent anywhere and never logged: this
-//! module hands it only to the data plane, and [`NodeKey`]'s `Debug` prints the public half.
+//! module hands it only to the data plane (and uses it itself for the join proof, a Diffie-Hellman with the
+//! coordinator's join key), and [`NodeKey`]'s `Debug` prints the public half.
 
 use std::fmt;
 use std::io;
@@ -44,6 +45,15 @@ impl NodeKey {
 
     pub fn public_key(&self) -> PublicKey {
         PublicKey::from_bytes(x25519_dalek::PublicKey::from(&self.secret).to_bytes())
+    }
+
+    /// The join proof for enrolling this key with `token_id` and `hostname` at the coordinator whose join key is
+    /// `join_key` (see [`meshd_protocol::proof`]): proves possession of the private key without sending it.
+    pub fn join_proof(&self, join_key: &PublicKey, token_id: &str, hostname: &str) -> [u8; 32] {
+        let shared = self
+            .secret
+            .diffie_hellman(&x25519_dalek::PublicKey::from(*join_key.as_bytes()));
+        meshd_protocol::api::join_proof(shared.as_bytes(), token_id, &self.public_key(), hostname)
     }
 
     /// The private key, for the data plane only.
@@ -110,6 +120,24 @@ mod tests {
         let debug = format!("{key:?}");
         assert!(!debug.contains(&private[..8]));
         assert!(debug.contains("pk:"));
+    }
+
+    #[test]
+    fn join_proof_is_what_the_coordinator_computes() {
+        // The coordinator's side of the DH: its private join key with this node's public key.
+        let coordinator = StaticSecret::random();
+        let join_key = PublicKey::from_bytes(x25519_dalek::PublicKey::from(&coordinator).to_bytes());
+        let key = NodeKey::generate();
+        let proof = key.join_proof(&join_key, "tk1", "laptop");
+        let shared = coordinator.diffie_hellman(&x25519_dalek::PublicKey::from(*key.public_key().as_bytes()));
+        assert!(meshd_protocol::api::verify_join_proof(
+            shared.as_bytes(),
+            "tk1",
+            &key.public_key(),
+            "laptop",
+            &proof
+        ));
+        assert_ne!(NodeKey::generate().join_proof(&join_key, "tk1", "laptop"), proof);
     }
 
     #[test]

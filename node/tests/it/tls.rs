@@ -3,7 +3,6 @@
 use meshd_node::control::{ControlClient, ControlError};
 use meshd_node::keys::NodeKey;
 use meshd_protocol::JoinToken;
-use meshd_protocol::api::JoinRequest;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 use crate::harness::{Coordinator, Node};
@@ -51,17 +50,16 @@ async fn ca_issued_certificate_without_pin_uses_ca_roots() {
         fingerprint: None,
         ..JoinToken::parse(&text).expect("token")
     };
-    let request = |name: &str| JoinRequest {
-        token: token.encode(),
-        public_key: NodeKey::generate().public_key(),
-        hostname: name.into(),
-    };
+    let text = token.encode();
     let trusted = ControlClient::with_ca_bundle(&token.coordinator_url, None, &bundle).expect("client");
-    let joined = trusted.join(&request("by-ca")).await.expect("verified against the CA");
+    let joined = trusted
+        .join(&text, &NodeKey::generate(), "by-ca")
+        .await
+        .expect("verified against the CA");
     assert_eq!(joined.name, "by-ca");
 
     let untrusted = ControlClient::with_ca_bundle(&token.coordinator_url, None, &other_bundle).expect("client");
-    match untrusted.join(&request("mitm")).await {
+    match untrusted.join(&text, &NodeKey::generate(), "mitm").await {
         Err(ControlError::Unreachable { detail, .. }) => {
             assert!(detail.to_lowercase().contains("certificate"), "{detail}")
         }
