@@ -6,7 +6,7 @@
 //! ```
 //! Starts the coordinator in-process on 127.0.0.1:0 (plain HTTP) against SQLite in a temp dir, or, with a
 //! `postgres://` URL, against a fresh database `meshd_bench_<pid>` created through that URL (dropped afterwards).
-//! Then: `--joins` joins with one reusable token, `--concurrency` at a time (joins/s); `--streams` nodes open their
+//! Then: `--joins` joins with one reusable token (each with its proof of key possession, checked by the coordinator), `--concurrency` at a time (joins/s); `--streams` nodes open their
 //! map stream; `--changes` admin renames, one after another, each timed from sending the PATCH until the change has
 //! arrived on the first and on every open stream (median and p99).
 
@@ -14,14 +14,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use clap::Parser;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use meshd_protocol::api::JoinResponse;
-use meshd_protocol::{MapMessage, PublicKey};
+use meshd_protocol::api::{CoordinatorInfo, JoinResponse, join_proof};
+use meshd_protocol::{JoinToken, MapMessage, PublicKey};
 use serde_json::json;
 use sqlx::Connection;
 use tokio::sync::{Semaphore, mpsc};
+use x25519_dalek::StaticSecret;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -41,10 +44,19 @@ struct Args {
     same_hostname: bool,
 }
 
-fn key(n: u32) -> PublicKey {
+/// A node's key pair (real X25519, so that its join can prove possession of the private key).
+fn key(n: u32) -> (StaticSecret, PublicKey) {
     let mut bytes = [7u8; 32];
     bytes[..4].copy_from_slice(&n.to_be_bytes());
-    PublicKey::from_bytes(bytes)
+    let secret = StaticSecret::from(bytes);
+    let public = PublicKey::from_bytes(x25519_dalek::PublicKey::from(&secret).to_bytes());
+    (secret, public)
+}
+
+/// The join proof a node sends (what `meshd` computes), base64.
+fn proof(secret: &StaticSecret, join_key: &PublicKey, token_id: &str, public: &PublicKey, hostname: &str) -> String {
+    let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*join_key.as_bytes()));
+    STANDARD.encode(join_proof(shared.as_bytes(), token_id, public, hostname))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -123,6 +135,8 @@ async fn bench(args: &Args, data_dir: &std::path::Path, url: &str) -> anyhow::Re
         .json()
         .await?;
     let token = token["token"].as_str().context("token")?.to_string();
+    let token_id = JoinToken::parse(&token)?.id;
+    let info: CoordinatorInfo = client.get(format!("{base}/api/v1/info")).send().await?.json().await?;
 
     // Joins.
     let permits = Arc::new(Semaphore::new(args.concurrency));
@@ -135,11 +149,14 @@ async fn bench(args: &Args, data_dir: &std::path::Path, url: &str) -> anyhow::Re
         } else {
             format!("host{i}")
         };
+        // The node's side of the proof is computed outside the timed request, as each node does it on its own.
+        let (secret, public) = key(i);
+        let proof = proof(&secret, &info.join_key, &token_id, &public, &hostname);
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await.expect("semaphore open");
             let r = client
                 .post(format!("{base}/api/v1/join"))
-                .json(&json!({"token": token, "public_key": key(i).to_string(), "hostname": hostname}))
+                .json(&json!({"token": token, "public_key": public.to_string(), "hostname": hostname, "proof": proof}))
                 .send()
                 .await?;
             anyhow::ensure!(r.status().is_success(), "join failed: {}", r.status());
