@@ -26,6 +26,7 @@
 mod apikeys;
 mod audit;
 mod changes;
+mod migrate;
 mod nodes;
 mod settings;
 
@@ -79,6 +80,8 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("applying database migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot take the migration lock {path}: {source}")]
+    MigrationLock { path: String, source: std::io::Error },
     #[error("not found")]
     NotFound,
     #[error("{0}")]
@@ -124,7 +127,8 @@ pub fn default_url(data_dir: &Path) -> String {
 }
 
 impl Store {
-    /// Connects, enables WAL on SQLite and applies the embedded migrations.
+    /// Connects, enables WAL on SQLite and applies the embedded migrations (serialized across processes, see
+    /// [`migrate`]).
     pub async fn connect(url: &str) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
@@ -144,14 +148,7 @@ impl Store {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await?;
-        match backend {
-            Backend::Sqlite => {
-                // Persistent in the file: readers never block the writer and vice versa.
-                sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
-                SQLITE_MIGRATIONS.run(&pool).await?;
-            }
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
-        }
+        migrate::run(&pool, backend, url).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,

@@ -7,6 +7,7 @@ mod admin;
 mod cli;
 mod devices;
 mod joins;
+mod migrations;
 mod persistence;
 mod proofs;
 mod replicas;
