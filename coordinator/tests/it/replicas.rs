@@ -15,6 +15,11 @@ async fn change_on_one_replica_reaches_streams_on_another() {
     let db = TestDb::new(&backend).await;
     let a = Coord::start(&db).await;
     let b = Coord::start(&db).await;
+    assert_eq!(
+        a.join_key().await,
+        b.join_key().await,
+        "replicas on one database share the join key, so a proof made against one is valid at the other"
+    );
     let token = a.token(json!({"reusable": true})).await;
     let n1 = a.join(&token, &key(1), "one").await;
     let n2 = b.join(&token, &key(2), "two").await;
