@@ -126,7 +126,10 @@ impl NetworkMap {
     }
 
     pub fn peer(&self, id: NodeId) -> Option<&MapNode> {
-        self.peers.binary_search_by_key(&id, |p| p.id).ok().map(|i| &self.peers[i])
+        self.peers
+            .binary_search_by_key(&id, |p| p.id)
+            .ok()
+            .map(|i| &self.peers[i])
     }
 }
 
@@ -161,15 +164,33 @@ mod tests {
             peers: vec![node(3, "c")],
         };
         NetworkMap::apply(&mut map, MapMessage::Full { map: full }).expect("full");
-        NetworkMap::apply(&mut map, MapMessage::PeerAdded { version: 6, peer: node(2, "b") }).expect("add");
+        NetworkMap::apply(
+            &mut map,
+            MapMessage::PeerAdded {
+                version: 6,
+                peer: node(2, "b"),
+            },
+        )
+        .expect("add");
         let m = map.as_ref().expect("map");
-        assert_eq!(m.peers.iter().map(|p| p.id).collect::<Vec<_>>(), vec![2, 3], "kept sorted");
+        assert_eq!(
+            m.peers.iter().map(|p| p.id).collect::<Vec<_>>(),
+            vec![2, 3],
+            "kept sorted"
+        );
         // A replayed older delta is a no-op.
         NetworkMap::apply(&mut map, MapMessage::PeerRemoved { version: 6, id: 2 }).expect("replay");
         assert!(map.as_ref().expect("map").peer(2).is_some());
         let mut renamed = node(2, "bee");
         renamed.online = false;
-        NetworkMap::apply(&mut map, MapMessage::PeerChanged { version: 7, peer: renamed.clone() }).expect("chg");
+        NetworkMap::apply(
+            &mut map,
+            MapMessage::PeerChanged {
+                version: 7,
+                peer: renamed.clone(),
+            },
+        )
+        .expect("chg");
         NetworkMap::apply(&mut map, MapMessage::PeerRemoved { version: 8, id: 3 }).expect("rm");
         let m = map.expect("map");
         assert_eq!(m.version, 8);
@@ -179,7 +200,10 @@ mod tests {
     #[test]
     fn wire_format_is_tagged_and_self_is_named_self() {
         let msg = MapMessage::PeerRemoved { version: 9, id: 4 };
-        assert_eq!(serde_json::to_string(&msg).expect("json"), r#"{"type":"peer_removed","version":9,"id":4}"#);
+        assert_eq!(
+            serde_json::to_string(&msg).expect("json"),
+            r#"{"type":"peer_removed","version":9,"id":4}"#
+        );
         let full = NetworkMap {
             version: 1,
             network: "10.77.0.0/16".parse().expect("cidr"),

@@ -21,7 +21,9 @@ pub const SECRET_LEN: usize = 32;
 /// Why a string is not a usable join token. Messages say what to do next.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("this is not a meshd join token (it should start with `{TOKEN_PREFIX}`); copy the whole token the admin gave you")]
+    #[error(
+        "this is not a meshd join token (it should start with `{TOKEN_PREFIX}`); copy the whole token the admin gave you"
+    )]
     Prefix,
     #[error("the join token is damaged ({0}); copy the whole token again, it is one line without spaces")]
     Malformed(String),
@@ -111,13 +113,20 @@ impl JoinToken {
             .try_into()
             .map_err(|_| TokenError::Malformed("secret has the wrong length".into()))?;
         if !(wire.u.starts_with("https://") || wire.u.starts_with("http://")) {
-            return Err(TokenError::Malformed("coordinator URL must be http:// or https://".into()));
+            return Err(TokenError::Malformed(
+                "coordinator URL must be http:// or https://".into(),
+            ));
         }
         if wire.i.is_empty() || wire.i.len() > 64 || !wire.i.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(TokenError::Malformed("token id".into()));
         }
         let fingerprint = wire.f.as_deref().map(CertFingerprint::from_hex).transpose()?;
-        Ok(Self { coordinator_url: wire.u.trim_end_matches('/').to_string(), id: wire.i, secret, fingerprint })
+        Ok(Self {
+            coordinator_url: wire.u.trim_end_matches('/').to_string(),
+            id: wire.i,
+            secret,
+            fingerprint,
+        })
     }
 
     /// SHA-256 of the secret: the only form the coordinator stores.
@@ -157,7 +166,10 @@ mod tests {
         assert!(text.starts_with(TOKEN_PREFIX));
         assert!(!text.contains(char::is_whitespace));
         assert_eq!(JoinToken::parse(&format!("  {text}\n")), Ok(token.clone()));
-        let plain = JoinToken { fingerprint: None, ..token };
+        let plain = JoinToken {
+            fingerprint: None,
+            ..token
+        };
         assert_eq!(JoinToken::parse(&plain.encode()), Ok(plain));
     }
 
@@ -166,7 +178,13 @@ mod tests {
         assert_eq!(JoinToken::parse("hello"), Err(TokenError::Prefix));
         assert!(matches!(JoinToken::parse("meshd1_!!!"), Err(TokenError::Malformed(_))));
         let text = sample().encode();
-        assert!(matches!(JoinToken::parse(&text[..text.len() - 6]), Err(TokenError::Malformed(_))));
-        assert!(!format!("{:?}", sample()).contains("9, 9"), "Debug must not print the secret");
+        assert!(matches!(
+            JoinToken::parse(&text[..text.len() - 6]),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(
+            !format!("{:?}", sample()).contains("9, 9"),
+            "Debug must not print the secret"
+        );
     }
 }
