@@ -21,12 +21,46 @@ async fn concurrent_migrations_on_a_fresh_sqlite_file_both_succeed() {
                 async move { Store::connect(&url).await }
             }),
         );
-        let a = a.expect("task").unwrap_or_else(|e| panic!("round {round}: first store: {e}"));
-        let b = b.expect("task").unwrap_or_else(|e| panic!("round {round}: second store: {e}"));
+        let a = a
+            .expect("task")
+            .unwrap_or_else(|e| panic!("round {round}: first store: {e}"));
+        let b = b
+            .expect("task")
+            .unwrap_or_else(|e| panic!("round {round}: second store: {e}"));
         // Both see one migrated schema, usable by both.
         a.set_setting("race", "a").await.expect("write through the first store");
         assert_eq!(b.setting("race").await.expect("read").as_deref(), Some("a"));
         a.close().await;
         b.close().await;
+    }
+}
+
+/// The same across real processes: several `meshd-coordinator apikey create` started together on a fresh data
+/// directory (each opens the database and migrates it) all succeed.
+#[test]
+fn concurrent_cli_processes_on_a_fresh_data_dir_all_succeed() {
+    const PROCESSES: usize = 4;
+    for round in 0..5 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let children: Vec<_> = (0..PROCESSES)
+            .map(|_| {
+                std::process::Command::new(env!("CARGO_BIN_EXE_meshd-coordinator"))
+                    .args(["--data-dir", dir.path().to_str().expect("utf8"), "apikey", "create"])
+                    .env_remove("MESHD_DATABASE_URL")
+                    .env_remove("MESHD_DATA_DIR")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("spawn the coordinator binary")
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().expect("wait");
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }
