@@ -178,10 +178,7 @@ impl ControlClient {
         let response = self.send(call).await?;
         if !response.status().is_success() {
             let (status, code, message) = error_parts(response).await;
-            if status == StatusCode::UNAUTHORIZED && code == error_codes::PROOF_INVALID {
-                return Err(ControlError::ProofRejected { message });
-            }
-            return Err(token_error(error_of(status, code, message)));
+            return Err(join_error(status, code, message));
         }
         response
             .json()
@@ -337,6 +334,14 @@ fn error_of(status: StatusCode, code: String, message: String) -> ControlError {
     }
 }
 
+/// A refused join: a refused proof of key possession, or a refusal about the token, is explained as such.
+fn join_error(status: StatusCode, code: String, message: String) -> ControlError {
+    if status == StatusCode::UNAUTHORIZED && code == error_codes::PROOF_INVALID {
+        return ControlError::ProofRejected { message };
+    }
+    token_error(error_of(status, code, message))
+}
+
 /// At join, a refusal about the token is explained as such.
 fn token_error(error: ControlError) -> ControlError {
     let ControlError::Http { status, code, message } = error else {
@@ -449,6 +454,31 @@ mod tests {
         assert!(refused(error_codes::TOKEN_INVALID).to_string().contains("not valid"));
         assert!(matches!(refused(error_codes::INTERNAL), ControlError::Http { .. }));
         assert!(!refused(error_codes::TOKEN_REVOKED).is_transient());
+    }
+
+    #[test]
+    fn refused_join_proof_is_not_blamed_on_the_token() {
+        let error = join_error(
+            StatusCode::UNAUTHORIZED,
+            error_codes::PROOF_INVALID.into(),
+            "does not prove possession of the private key".into(),
+        );
+        assert!(matches!(error, ControlError::ProofRejected { .. }), "{error}");
+        assert!(!error.is_transient());
+        let text = error.to_string();
+        assert!(text.contains("private key") && text.contains("report it"), "{text}");
+        let error = join_error(
+            StatusCode::UNAUTHORIZED,
+            error_codes::TOKEN_INVALID.into(),
+            "unknown".into(),
+        );
+        assert!(matches!(error, ControlError::TokenRejected { .. }), "{error}");
+        let error = join_error(
+            StatusCode::FORBIDDEN,
+            error_codes::TOKEN_REVOKED.into(),
+            "revoked".into(),
+        );
+        assert!(error.to_string().contains("revoked"), "{error}");
     }
 
     #[tokio::test]
