@@ -93,15 +93,8 @@ impl Inbound {
     }
 
     async fn flush_replies(&mut self) {
-        if self.replies.is_empty() {
-            return;
-        }
-        let failures = self.replies.flush(&self.shared.udp).await;
-        if failures > 0 {
-            self.shared
-                .counters
-                .udp_send_errors
-                .fetch_add(failures, std::sync::atomic::Ordering::Relaxed);
+        if !self.replies.is_empty() {
+            self.shared.send_batch(&mut self.replies).await;
         }
     }
 

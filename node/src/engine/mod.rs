@@ -192,6 +192,18 @@ pub(crate) struct Shared {
     next_index: Mutex<u32>,
 }
 
+impl Shared {
+    /// Sends a batch of datagrams; failed sends are counted, never fatal (the packet path drops and goes on).
+    pub(crate) async fn send_batch(&self, batch: &mut udp::SendBatch) {
+        let failures = batch.flush(&self.udp).await;
+        if failures > 0 {
+            self.counters
+                .udp_send_errors
+                .fetch_add(failures, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// What to do about a TUN creation error, by errno.
 fn tun_hint(error: &std::io::Error, name: &str) -> String {
     match error.raw_os_error() {

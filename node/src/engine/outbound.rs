@@ -63,7 +63,7 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         loop {
             for (buf, &size) in bufs.iter().zip(&sizes).take(count) {
                 if batch.needs_flush() {
-                    flush(&shared, &mut batch).await;
+                    shared.send_batch(&mut batch).await;
                 }
                 let Some(packet) = buf.get(TUN_OFFSET..TUN_OFFSET + size) else {
                     bump(&shared.counters.malformed_tun_packets);
@@ -87,17 +87,7 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
             };
         }
-        flush(&shared, &mut batch).await;
-    }
-}
-
-async fn flush(shared: &Shared, batch: &mut SendBatch) {
-    let failures = batch.flush(&shared.udp).await;
-    if failures > 0 {
-        shared
-            .counters
-            .udp_send_errors
-            .fetch_add(failures, std::sync::atomic::Ordering::Relaxed);
+        shared.send_batch(&mut batch).await;
     }
 }
 

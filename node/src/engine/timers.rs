@@ -41,21 +41,11 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         let max_segments = shared.udp.max_gso_segments();
         for peer in table.peers() {
             if batch.needs_flush() {
-                flush(&shared, &mut batch).await;
+                shared.send_batch(&mut batch).await;
             }
             tick_peer(&shared, peer, &mut batch, now, max_segments);
         }
-        flush(&shared, &mut batch).await;
-    }
-}
-
-async fn flush(shared: &Shared, batch: &mut SendBatch) {
-    let failures = batch.flush(&shared.udp).await;
-    if failures > 0 {
-        shared
-            .counters
-            .udp_send_errors
-            .fetch_add(failures, std::sync::atomic::Ordering::Relaxed);
+        shared.send_batch(&mut batch).await;
     }
 }
 
