@@ -8,7 +8,9 @@ use serde_json::json;
 use crate::both_backends;
 use crate::harness::{Backend, Coord, TestDb, error_code, key};
 
-const WAIT: Duration = Duration::from_secs(5);
+/// Bound for setup steps (a stream's first map, a node coming online). Generous because CI runs this suite beside
+/// the namespace lab on two cores; the latencies the issue specifies are asserted separately and tightly (2 s).
+const WAIT: Duration = Duration::from_secs(15);
 
 both_backends! {
     full_map_then_deltas => full_map_then_deltas;
