@@ -96,6 +96,14 @@ start_postgres
 export MESHD_LAB_REQUIRED=${MESHD_LAB_REQUIRED:-1}
 export MESHD_TEST_REQUIRE_POSTGRES=${MESHD_TEST_REQUIRE_POSTGRES:-1}
 
+# `sudo` resets PATH: find the rustup toolchain of the invoking user or root.
+if ! command -v cargo >/dev/null; then
+    for d in "${SUDO_USER:+$(getent passwd "$SUDO_USER" | cut -d: -f6)/.cargo/bin}" "$HOME/.cargo/bin" /root/.cargo/bin; do
+        [[ -n $d && -x $d/cargo ]] && { export PATH="$d:$PATH"; break; }
+    done
+fi
+command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) and run again"
+
 log "building (dev profile)"
 cargo build --workspace --bins
 log "running all tests"
@@ -106,6 +114,11 @@ case ${MESHD_LINT:-strict} in
     strict|warn)
         log "checking formatting and clippy (MESHD_LINT=${MESHD_LINT:-strict})"
         lint_ok=1
+        # The linters are rustup components; add them if missing (needs rustup's server, which not every machine reaches).
+        if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+            rustup component add rustfmt clippy >/dev/null 2>&1 \
+                || log "WARNING: rustfmt/clippy are not installed and could not be added; lint checks may fail"
+        fi
         cargo fmt --all -- --check || lint_ok=0
         cargo clippy --workspace --all-targets -- -D warnings || lint_ok=0
         if ((lint_ok == 0)); then
