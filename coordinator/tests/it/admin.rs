@@ -60,14 +60,7 @@ async fn auth_and_node_management(backend: Backend) {
     assert_eq!(r.status(), 401, "an admin key is not a node credential");
 
     let b = c.join(&token, &key(2), "beta").await;
-    let nodes: Vec<Value> = c
-        .admin(Method::GET, "/api/v1/nodes")
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let nodes: Vec<Value> = c.admin_json(Method::GET, "/api/v1/nodes").await;
     assert_eq!(nodes.len(), 2);
     for field in [
         "id",
@@ -85,62 +78,54 @@ async fn auth_and_node_management(backend: Backend) {
     assert_eq!(nodes[0]["public_key"], key(1).to_string());
     assert_eq!(nodes[0]["kind"], "meshd");
 
-    let one: Value = c
-        .admin(Method::GET, &format!("/api/v1/nodes/{}", b.node_id))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let one: Value = c.admin_json(Method::GET, &format!("/api/v1/nodes/{}", b.node_id)).await;
     assert_eq!(one["name"], "beta");
     assert_eq!(one["ip"], "10.77.0.3");
 
     // PATCH: rename, retag, conflicts, validation.
     let r = c
-        .admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id))
-        .json(&json!({"tags": ["b", "a", "a"]}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(
+            Method::PATCH,
+            &format!("/api/v1/nodes/{}", b.node_id),
+            Some(json!({"tags": ["b", "a", "a"]})),
+        )
+        .await;
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["tags"], json!(["a", "b"]));
     assert_eq!(v["name"], "beta");
     let r = c
-        .admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id))
-        .json(&json!({"name": "alpha"}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(
+            Method::PATCH,
+            &format!("/api/v1/nodes/{}", b.node_id),
+            Some(json!({"name": "alpha"})),
+        )
+        .await;
     assert_eq!(error_code(r).await, (409, "conflict".into()));
     let r = c
-        .admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id))
-        .json(&json!({"name": "Not Valid"}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(
+            Method::PATCH,
+            &format!("/api/v1/nodes/{}", b.node_id),
+            Some(json!({"name": "Not Valid"})),
+        )
+        .await;
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
     let r = c
-        .admin(Method::PATCH, "/api/v1/nodes/999")
-        .json(&json!({"name": "x"}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(Method::PATCH, "/api/v1/nodes/999", Some(json!({"name": "x"})))
+        .await;
     assert_eq!(error_code(r).await, (404, "not_found".into()));
     let r = c
-        .admin(Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id))
-        .json(&json!({"name": "beta-2"}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(
+            Method::PATCH,
+            &format!("/api/v1/nodes/{}", b.node_id),
+            Some(json!({"name": "beta-2"})),
+        )
+        .await;
     assert_eq!(r.status(), 200);
 
     // DELETE by admin; the address is then reused by the next node (lowest free).
     let r = c
-        .admin(Method::DELETE, &format!("/api/v1/nodes/{}", a.node_id))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(Method::DELETE, &format!("/api/v1/nodes/{}", a.node_id), None)
+        .await;
     assert_eq!(r.status(), 204);
     let d = c.join(&token, &key(3), "delta").await;
     assert_eq!(d.ip.to_string(), "10.77.0.2");
@@ -238,25 +223,17 @@ async fn bad_inputs_are_400_in_our_format(backend: Backend) {
     }
 
     // Paths and routes.
-    let r = c.admin(Method::GET, "/api/v1/nodes/abc").send().await.expect("send");
+    let r = c.admin_send(Method::GET, "/api/v1/nodes/abc", None).await;
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
-    let r = c.admin(Method::GET, "/api/v1/nodes/424242").send().await.expect("send");
+    let r = c.admin_send(Method::GET, "/api/v1/nodes/424242", None).await;
     assert_eq!(error_code(r).await, (404, "not_found".into()));
-    let r = c.admin(Method::GET, "/api/v1/nope").send().await.expect("send");
+    let r = c.admin_send(Method::GET, "/api/v1/nope", None).await;
     assert_eq!(error_code(r).await, (404, "not_found".into()));
-    let r = c.admin(Method::PUT, "/api/v1/tokens").send().await.expect("send");
+    let r = c.admin_send(Method::PUT, "/api/v1/tokens", None).await;
     assert_eq!(error_code(r).await.0, 405);
-    let r = c
-        .admin(Method::GET, "/api/v1/audit?limit=0")
-        .send()
-        .await
-        .expect("send");
+    let r = c.admin_send(Method::GET, "/api/v1/audit?limit=0", None).await;
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
-    let r = c
-        .admin(Method::GET, "/api/v1/audit?limit=abc")
-        .send()
-        .await
-        .expect("send");
+    let r = c.admin_send(Method::GET, "/api/v1/audit?limit=abc", None).await;
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
     c.stop().await;
 }
@@ -289,25 +266,17 @@ async fn audit_health_metrics_openapi(backend: Backend) {
     let token = c.token(json!({"reusable": true, "tags": ["t"]})).await;
     let a = c.join(&token, &key(1), "a").await;
     let _ = c
-        .admin(Method::PATCH, &format!("/api/v1/nodes/{}", a.node_id))
-        .json(&json!({"name": "aa"}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(
+            Method::PATCH,
+            &format!("/api/v1/nodes/{}", a.node_id),
+            Some(json!({"name": "aa"})),
+        )
+        .await;
     let _ = c
-        .admin(Method::DELETE, &format!("/api/v1/nodes/{}", a.node_id))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(Method::DELETE, &format!("/api/v1/nodes/{}", a.node_id), None)
+        .await;
 
-    let audit: Vec<Value> = c
-        .admin(Method::GET, "/api/v1/audit")
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let audit: Vec<Value> = c.admin_json(Method::GET, "/api/v1/audit").await;
     let actions: Vec<&str> = audit.iter().map(|e| e["action"].as_str().expect("action")).collect();
     assert_eq!(
         &actions[..4],
@@ -317,13 +286,8 @@ async fn audit_health_metrics_openapi(backend: Backend) {
     assert!(audit[0]["actor"].as_str().expect("actor").starts_with("apikey:"));
     assert!(audit[2]["actor"].as_str().expect("actor").starts_with("token:"));
     let page: Vec<Value> = c
-        .admin(Method::GET, &format!("/api/v1/audit?limit=1&before={}", audit[0]["id"]))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+        .admin_json(Method::GET, &format!("/api/v1/audit?limit=1&before={}", audit[0]["id"]))
+        .await;
     assert_eq!(page.len(), 1);
     assert_eq!(page[0]["action"], "node.update");
     let r = c.client.get(c.url("/api/v1/audit")).send().await.expect("send");

@@ -33,11 +33,12 @@ async fn register_device_and_download_config(backend: Backend) {
 
     let phone_key = key(77);
     let r = c
-        .admin(Method::POST, "/api/v1/nodes")
-        .json(&json!({"name": "alice-phone", "public_key": phone_key.to_string(), "tags": ["phone"]}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(
+            Method::POST,
+            "/api/v1/nodes",
+            Some(json!({"name": "alice-phone", "public_key": phone_key.to_string(), "tags": ["phone"]})),
+        )
+        .await;
     assert_eq!(r.status(), 201);
     let phone: Value = r.json().await.expect("json");
     assert_eq!(phone["kind"], "wireguard");
@@ -55,40 +56,42 @@ async fn register_device_and_download_config(backend: Backend) {
 
     // Conflicts and validation.
     let r = c
-        .admin(Method::POST, "/api/v1/nodes")
-        .json(&json!({"name": "other", "public_key": phone_key.to_string()}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(
+            Method::POST,
+            "/api/v1/nodes",
+            Some(json!({"name": "other", "public_key": phone_key.to_string()})),
+        )
+        .await;
     assert_eq!(error_code(r).await, (409, "conflict".into()));
     let r = c
-        .admin(Method::POST, "/api/v1/nodes")
-        .json(&json!({"name": "server", "public_key": key(78).to_string()}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(
+            Method::POST,
+            "/api/v1/nodes",
+            Some(json!({"name": "server", "public_key": key(78).to_string()})),
+        )
+        .await;
     assert_eq!(error_code(r).await, (409, "conflict".into()));
     let r = c
-        .admin(Method::POST, "/api/v1/nodes")
-        .json(&json!({"name": "Bad Name", "public_key": key(78).to_string()}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(
+            Method::POST,
+            "/api/v1/nodes",
+            Some(json!({"name": "Bad Name", "public_key": key(78).to_string()})),
+        )
+        .await;
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
     let r = c
-        .admin(Method::POST, "/api/v1/nodes")
-        .json(&json!({"name": "ok", "public_key": "short"}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(
+            Method::POST,
+            "/api/v1/nodes",
+            Some(json!({"name": "ok", "public_key": "short"})),
+        )
+        .await;
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
 
     // The config.
     let r = c
-        .admin(Method::GET, &format!("/api/v1/nodes/{phone_id}/wireguard-config"))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(Method::GET, &format!("/api/v1/nodes/{phone_id}/wireguard-config"), None)
+        .await;
     assert_eq!(r.status(), 200);
     assert!(
         r.headers()["content-type"]
@@ -133,10 +136,8 @@ async fn register_device_and_download_config(backend: Backend) {
     assert!(!laptop.contains("Endpoint"), "no endpoint reported: no Endpoint line");
 
     let r = c
-        .admin(Method::GET, "/api/v1/nodes/9999/wireguard-config")
-        .send()
-        .await
-        .expect("send");
+        .admin_send(Method::GET, "/api/v1/nodes/9999/wireguard-config", None)
+        .await;
     assert_eq!(error_code(r).await, (404, "not_found".into()));
     let r = c
         .client

@@ -232,6 +232,21 @@ impl Coord {
         self.client.request(method, self.url(path)).bearer_auth(&self.admin_key)
     }
 
+    /// Sends an admin request, with `body` as JSON when given.
+    pub async fn admin_send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
+        let request = self.admin(method, path);
+        let request = match body {
+            Some(body) => request.json(&body),
+            None => request,
+        };
+        request.send().await.expect("send")
+    }
+
+    /// An admin request whose answer is JSON (status not checked: callers assert on the body).
+    pub async fn admin_json<T: serde::de::DeserializeOwned>(&self, method: reqwest::Method, path: &str) -> T {
+        self.admin_send(method, path, None).await.json().await.expect("json")
+    }
+
     /// `POST /api/v1/tokens` with `body`; returns the token string.
     pub async fn token(&self, body: Value) -> String {
         let r = self

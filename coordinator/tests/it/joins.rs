@@ -33,10 +33,8 @@ async fn small_network_fills_and_reuses(backend: Backend) {
     // Free two addresses (a gap in the middle and one at the top): the lowest is reused first.
     for id in [ids[3], ids[1]] {
         let r = c
-            .admin(reqwest::Method::DELETE, &format!("/api/v1/nodes/{id}"))
-            .send()
-            .await
-            .expect("send");
+            .admin_send(reqwest::Method::DELETE, &format!("/api/v1/nodes/{id}"), None)
+            .await;
         assert_eq!(r.status(), 204);
     }
     assert_eq!(c.join(&token, &key(10), "n").await.ip.to_string(), "10.9.0.3");
@@ -89,14 +87,7 @@ async fn join_basics(backend: Backend) {
     assert_eq!(error_code(old).await, (401, "unauthorized".into()));
 
     // The token had 3 uses: two new nodes + the re-join of key 1 with the same token consumed none.
-    let tokens: Value = c
-        .admin(reqwest::Method::GET, "/api/v1/tokens")
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let tokens: Value = c.admin_json(reqwest::Method::GET, "/api/v1/tokens").await;
     assert_eq!(tokens[0]["uses"], 2);
     assert_eq!(tokens[0]["state"], "active");
     let _ = c.join(&token, &key(3), "x").await;
@@ -157,14 +148,7 @@ async fn two_hundred_concurrent_joins(backend: Backend) {
         Some(u32::from(std::net::Ipv4Addr::new(10, 77, 0, 2)))
     );
     assert_eq!(sorted.last().copied().expect("last") - sorted[0], N - 1);
-    let nodes: Vec<Value> = c
-        .admin(reqwest::Method::GET, "/api/v1/nodes")
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let nodes: Vec<Value> = c.admin_json(reqwest::Method::GET, "/api/v1/nodes").await;
     assert_eq!(nodes.len(), N as usize);
     c.stop().await;
 }
@@ -182,14 +166,7 @@ async fn single_use_token_race(backend: Backend) {
         let loser = if r1.status() == 403 { r1 } else { r2 };
         assert_eq!(error_code(loser).await.1, "token_used_up");
     }
-    let nodes: Vec<Value> = c
-        .admin(reqwest::Method::GET, "/api/v1/nodes")
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let nodes: Vec<Value> = c.admin_json(reqwest::Method::GET, "/api/v1/nodes").await;
     assert_eq!(nodes.len(), 5, "losers enrolled nothing");
     c.stop().await;
 }
@@ -225,18 +202,14 @@ async fn token_rules(backend: Backend) {
     let revoked = c.token(json!({"reusable": true, "tags": ["x"]})).await;
     let id = JoinToken::parse(&revoked).expect("parse").id;
     let r = c
-        .admin(reqwest::Method::DELETE, &format!("/api/v1/tokens/{id}"))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(reqwest::Method::DELETE, &format!("/api/v1/tokens/{id}"), None)
+        .await;
     assert_eq!(r.status(), 204);
     let r = c.join_raw(&revoked, &key(3), "h").await;
     assert_eq!(error_code(r).await, (403, "token_revoked".into()));
     let r = c
-        .admin(reqwest::Method::DELETE, "/api/v1/tokens/nosuchtoken")
-        .send()
-        .await
-        .expect("send");
+        .admin_send(reqwest::Method::DELETE, "/api/v1/tokens/nosuchtoken", None)
+        .await;
     assert_eq!(error_code(r).await, (404, "not_found".into()));
 
     // Single-use: the node that used it may repeat its join (no use consumed); another key may not.
@@ -248,14 +221,7 @@ async fn token_rules(backend: Backend) {
     assert_eq!(error_code(r).await, (403, "token_used_up".into()));
 
     // Listing shows every token and its state; the secret is never listed.
-    let list: Vec<Value> = c
-        .admin(reqwest::Method::GET, "/api/v1/tokens")
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let list: Vec<Value> = c.admin_json(reqwest::Method::GET, "/api/v1/tokens").await;
     assert_eq!(list.len(), 4);
     let states: HashSet<&str> = list.iter().map(|t| t["state"].as_str().expect("state")).collect();
     assert_eq!(states, HashSet::from(["active", "expired", "revoked", "used_up"]));
@@ -273,11 +239,8 @@ async fn token_rules(backend: Backend) {
         json!({"unknown": 1}),
     ] {
         let r = c
-            .admin(reqwest::Method::POST, "/api/v1/tokens")
-            .json(&body)
-            .send()
-            .await
-            .expect("send");
+            .admin_send(reqwest::Method::POST, "/api/v1/tokens", Some(body.clone()))
+            .await;
         assert_eq!(error_code(r).await, (400, "bad_request".into()), "{body}");
     }
     c.stop().await;

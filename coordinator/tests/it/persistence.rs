@@ -23,14 +23,7 @@ async fn restart_keeps_everything(backend: Backend) {
     }
     let used_up = c.token(json!({})).await;
     let _ = c.join(&used_up, &key(50), "once").await;
-    let before: Vec<Value> = c
-        .admin(Method::GET, "/api/v1/nodes")
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let before: Vec<Value> = c.admin_json(Method::GET, "/api/v1/nodes").await;
     let mut stream = c.stream(&joined[0].credential, None, None).await;
     let version_before = stream.next(Duration::from_secs(5)).await.version();
     c.stop().await;
@@ -40,14 +33,7 @@ async fn restart_keeps_everything(backend: Backend) {
     );
 
     let c = Coord::start(&db).await;
-    let after: Vec<Value> = c
-        .admin(Method::GET, "/api/v1/nodes")
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let after: Vec<Value> = c.admin_json(Method::GET, "/api/v1/nodes").await;
     assert_eq!(after.len(), before.len());
     for (b, a) in before.iter().zip(&after) {
         for field in ["id", "name", "ip", "public_key", "tags"] {

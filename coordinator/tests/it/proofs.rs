@@ -26,13 +26,7 @@ async fn assert_proof_invalid(r: reqwest::Response, what: &str) {
 }
 
 async fn nodes(c: &Coord) -> Vec<Value> {
-    c.admin(Method::GET, "/api/v1/nodes")
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json")
+    c.admin_json(Method::GET, "/api/v1/nodes").await
 }
 
 async fn hijack_with_another_nodes_key_is_refused(backend: Backend) {
@@ -75,14 +69,7 @@ async fn hijack_with_another_nodes_key_is_refused(backend: Backend) {
     assert_eq!(after.len(), 2);
     assert_eq!(after[0]["id"], victim.node_id);
     assert_eq!(after[0]["name"], "victim");
-    let audit: Value = c
-        .admin(Method::GET, "/api/v1/audit")
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let audit: Value = c.admin_json(Method::GET, "/api/v1/audit").await;
     assert!(!audit.to_string().contains("rejoin"), "no re-join happened: {audit}");
     let r = c
         .client
@@ -135,14 +122,7 @@ async fn proof_is_bound_to_token_and_hostname(backend: Backend) {
     let r = c.join_with_proof(&first, &node, "gpu", Some(&elsewhere)).await;
     assert_proof_invalid(r, "proof against another join key").await;
     assert!(nodes(&c).await.is_empty(), "refused joins enrolled nothing");
-    let tokens: Vec<Value> = c
-        .admin(Method::GET, "/api/v1/tokens")
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let tokens: Vec<Value> = c.admin_json(Method::GET, "/api/v1/tokens").await;
     assert!(
         tokens.iter().all(|t| t["uses"] == 0),
         "refused joins use no token: {tokens:?}"

@@ -90,11 +90,12 @@ async fn full_map_then_deltas(backend: Backend) {
 
     // Admin renames a: a sees SelfChanged, b sees PeerChanged.
     let r = c
-        .admin(reqwest::Method::PATCH, &format!("/api/v1/nodes/{}", a.node_id))
-        .json(&json!({"name": "alpha-prime", "tags": ["gpu"]}))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(
+            reqwest::Method::PATCH,
+            &format!("/api/v1/nodes/{}", a.node_id),
+            Some(json!({"name": "alpha-prime", "tags": ["gpu"]})),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let m = sa.next(WAIT).await;
     assert!(
@@ -163,10 +164,8 @@ async fn deletion_reaches_streams_within_two_seconds(backend: Backend) {
 
     let started = Instant::now();
     let r = c
-        .admin(reqwest::Method::DELETE, &format!("/api/v1/nodes/{}", b.node_id))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(reqwest::Method::DELETE, &format!("/api/v1/nodes/{}", b.node_id), None)
+        .await;
     assert_eq!(r.status(), 204);
     let m = sa.next(Duration::from_secs(2)).await;
     let elapsed = started.elapsed();
@@ -200,16 +199,12 @@ async fn deletion_reaches_streams_within_two_seconds(backend: Backend) {
         .expect("send");
     assert_eq!(r.status(), 401);
     let r = c
-        .admin(reqwest::Method::GET, &format!("/api/v1/nodes/{}", b.node_id))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(reqwest::Method::GET, &format!("/api/v1/nodes/{}", b.node_id), None)
+        .await;
     assert_eq!(error_code(r).await, (404, "not_found".into()));
     let r = c
-        .admin(reqwest::Method::DELETE, &format!("/api/v1/nodes/{}", b.node_id))
-        .send()
-        .await
-        .expect("send");
+        .admin_send(reqwest::Method::DELETE, &format!("/api/v1/nodes/{}", b.node_id), None)
+        .await;
     assert_eq!(r.status(), 404);
     c.stop().await;
 }
@@ -230,11 +225,12 @@ async fn resume_with_since(backend: Backend) {
     // While a is away: b is renamed twice and reports endpoints, a new node joins.
     for name in ["b1", "b2"] {
         let r = c
-            .admin(reqwest::Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id))
-            .json(&json!({"name": name}))
-            .send()
-            .await
-            .expect("send");
+            .admin_send(
+                reqwest::Method::PATCH,
+                &format!("/api/v1/nodes/{}", b.node_id),
+                Some(json!({"name": name})),
+            )
+            .await;
         assert_eq!(r.status(), 200);
     }
     let d = c.join(&token, &key(4), "d").await;
@@ -303,11 +299,12 @@ async fn resume_too_old_gets_full_map(backend: Backend) {
     drop(sa);
     for i in 0..10 {
         let r = c
-            .admin(reqwest::Method::PATCH, &format!("/api/v1/nodes/{}", b.node_id))
-            .json(&json!({"name": format!("b{i}")}))
-            .send()
-            .await
-            .expect("send");
+            .admin_send(
+                reqwest::Method::PATCH,
+                &format!("/api/v1/nodes/{}", b.node_id),
+                Some(json!({"name": format!("b{i}")})),
+            )
+            .await;
         assert_eq!(r.status(), 200);
     }
     // The broker prunes as it goes; wait (bounded) until the resume point has been pruned.
