@@ -35,6 +35,8 @@ struct Inbound {
     replies: SendBatch,
     to_tun: TunWriteBatch,
     max_segments: usize,
+    /// Where the rate limiter writes a cookie reply; reused so no datagram pays for zeroing a buffer.
+    cookie: [u8; MIN_REPLY_BUFFER],
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
@@ -44,6 +46,7 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         replies: SendBatch::new(REPLY_SLOTS, shared.datagram_slot),
         to_tun: TunWriteBatch::new(shared.offload),
         max_segments: 1,
+        cookie: [0; MIN_REPLY_BUFFER],
         shared,
     };
     loop {
@@ -105,11 +108,10 @@ impl Inbound {
         if self.replies.needs_flush() {
             self.flush_replies().await;
         }
-        let mut cookie = [0u8; MIN_REPLY_BUFFER];
         let verified = self
             .shared
             .rate_limiter
-            .verify_packet(Some(source.ip()), datagram, &mut cookie);
+            .verify_packet(Some(source.ip()), datagram, &mut self.cookie);
         let counters = &self.shared.counters;
         let packet = match verified {
             Ok(packet) => packet,
