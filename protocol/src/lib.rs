@@ -5,6 +5,7 @@
 //! - [`token`]: the join token, one opaque string with everything a node needs to enrol.
 //! - [`api`]: request and response bodies of the node-facing HTTP API and the error body of every route.
 //! - [`proof`]: the join proof, how a joining node proves possession of its private key (X25519 + HMAC).
+//! - [`disco`]: the authenticated path probes agents exchange on the WireGuard socket (ping, pong, call-me-maybe).
 //! - [`netmap`]: a node's view of the network and the deltas that keep it current.
 //!
 //! Invariants: this crate does no IO and pulls in no runtime, database or web framework (the optional
@@ -12,6 +13,7 @@
 //! breaks old nodes bumps [`PROTOCOL_VERSION`].
 
 pub mod api;
+pub mod disco;
 pub mod key;
 pub mod netmap;
 pub mod proof;
