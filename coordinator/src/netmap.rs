@@ -11,7 +11,7 @@ use std::sync::Arc;
 use ipnet::Ipv4Net;
 use meshd_protocol::{MapMessage, MapNode, NetworkMap, NodeId};
 
-use crate::model::{ChangeKind, ChangeRecord, Node};
+use crate::model::{ChangeKind, ChangeRecord, Node, NodeKind};
 
 /// The wire form of a node.
 pub fn map_node(node: &Node) -> MapNode {
@@ -24,6 +24,10 @@ pub fn map_node(node: &Node) -> MapNode {
         online: node.online,
         last_seen: node.last_seen,
         tags: node.tags.clone(),
+        kind: match node.kind {
+            NodeKind::Meshd => meshd_protocol::NodeKind::Agent,
+            NodeKind::Wireguard => meshd_protocol::NodeKind::Device,
+        },
     }
 }
 

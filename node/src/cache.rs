@@ -96,6 +96,7 @@ mod tests {
             online: true,
             last_seen: None,
             tags: vec![],
+            kind: meshd_protocol::NodeKind::Agent,
         };
         NetworkMap {
             version: 4,

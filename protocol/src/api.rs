@@ -21,6 +21,14 @@ pub struct CoordinatorInfo {
     /// The coordinator's static X25519 join key; a joining node proves possession of its own private key with a
     /// Diffie-Hellman against it (see [`crate::proof`]). The same for every replica on one database.
     pub join_key: PublicKey,
+    /// UDP ports on the coordinator's host (the host of the URL in the token) that answer STUN binding requests
+    /// (see [`crate::stun`]). Two ports let a node tell an endpoint-independent NAT mapping from an
+    /// endpoint-dependent one. Empty (or absent, from an older coordinator): STUN is off.
+    #[serde(default)]
+    pub stun_ports: Vec<u16>,
+    /// True when the coordinator serves the relay ([`crate::paths::RELAY`]). Absent: false.
+    #[serde(default)]
+    pub relay: bool,
 }
 
 /// `POST /api/v1/join`.

@@ -7,6 +7,8 @@
 //! - [`proof`]: the join proof, how a joining node proves possession of its private key (X25519 + HMAC).
 //! - [`disco`]: the authenticated path probes agents exchange on the WireGuard socket (ping, pong, call-me-maybe).
 //! - [`netmap`]: a node's view of the network and the deltas that keep it current.
+//! - [`stun`]: STUN binding requests and responses (RFC 8489), how a node learns its NAT-mapped address.
+//! - [`relay`]: the frames of the relay connection (`GET /api/v1/relay` upgraded to `meshd-relay`).
 //!
 //! Invariants: this crate does no IO and pulls in no runtime, database or web framework (the optional
 //! `openapi` feature only adds schema derives). Fields document what *absent* means. A change that
@@ -17,10 +19,12 @@ pub mod disco;
 pub mod key;
 pub mod netmap;
 pub mod proof;
+pub mod relay;
+pub mod stun;
 pub mod token;
 
 pub use key::{KeyError, PublicKey};
-pub use netmap::{MapMessage, MapNode, NetworkMap, NodeId};
+pub use netmap::{MapMessage, MapNode, NetworkMap, NodeId, NodeKind};
 pub use token::{CertFingerprint, JoinToken, TokenError};
 
 /// Version of the node <-> coordinator protocol. History:
@@ -40,6 +44,9 @@ pub mod paths {
     pub const ENDPOINTS: &str = "/api/v1/node/endpoints";
     /// `DELETE`: the node leaves the network; its credential stops working.
     pub const NODE_SELF: &str = "/api/v1/node";
+    /// `GET` with `Upgrade: meshd-relay` (HTTP/1.1, node credential): the relay connection, frames per
+    /// [`crate::relay`]. `101` on success, `401` bad credential, `403` a device.
+    pub const RELAY: &str = "/api/v1/relay";
     /// Name of the SSE event that carries a [`crate::MapMessage`].
     pub const MAP_EVENT: &str = "map";
 }

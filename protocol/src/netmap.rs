@@ -37,6 +37,23 @@ pub struct MapNode {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<i64>,
     pub tags: Vec<String>,
+    /// What software the node runs, which decides how peers reach it. Absent (an older coordinator or cached map):
+    /// [`NodeKind::Device`], so traffic for a node of unknown kind never goes into the relay.
+    #[serde(default)]
+    pub kind: NodeKind,
+}
+
+/// What a node runs, as far as reaching it is concerned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    /// Runs the meshd agent (joined with a token, holds a credential): speaks disco and uses the relay.
+    Agent,
+    /// A plain WireGuard peer registered by an admin (no credential): classic WireGuard only (configured endpoint and
+    /// roaming), never disco or the relay.
+    #[default]
+    Device,
 }
 
 /// The full map for one node.
@@ -147,6 +164,7 @@ mod tests {
             online: true,
             last_seen: None,
             tags: vec![],
+            kind: NodeKind::Agent,
         }
     }
 

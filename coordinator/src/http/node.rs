@@ -30,6 +30,8 @@ pub async fn info(State(state): State<AppState>) -> Json<CoordinatorInfo> {
     Json(CoordinatorInfo {
         protocol_version: PROTOCOL_VERSION,
         join_key: state.join_key.public_key(),
+        stun_ports: Vec::new(),
+        relay: false,
     })
 }
 
