@@ -97,11 +97,31 @@ impl ControlClient {
         fingerprint: Option<CertFingerprint>,
         ca_bundle: &std::path::Path,
     ) -> Result<Self, ControlError> {
+        Self::build(base_url, fingerprint, ca_bundle, false)
+    }
+
+    /// A client for the relay connection ([`ControlClient::open_relay`]): HTTP/1.1 only (an HTTP upgrade does not
+    /// exist in HTTP/2) and no read timeout (the relay session detects a dead connection with its own pings).
+    /// Same TLS trust as [`ControlClient::new`].
+    pub fn for_relay(base_url: &str, fingerprint: Option<CertFingerprint>) -> Result<Self, ControlError> {
+        Self::build(base_url, fingerprint, &tls::ca_bundle_path(), true)
+    }
+
+    fn build(
+        base_url: &str,
+        fingerprint: Option<CertFingerprint>,
+        ca_bundle: &std::path::Path,
+        relay: bool,
+    ) -> Result<Self, ControlError> {
         let base_url = base_url.trim_end_matches('/').to_string();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(STREAM_IDLE_TIMEOUT)
             .user_agent(concat!("meshd/", env!("CARGO_PKG_VERSION")));
+        builder = if relay {
+            builder.http1_only()
+        } else {
+            builder.read_timeout(STREAM_IDLE_TIMEOUT)
+        };
         let mut pin = None;
         if base_url.starts_with("https://") {
             let config = match fingerprint {
@@ -227,6 +247,43 @@ impl ControlClient {
             url,
             events: Box::pin(events),
         })
+    }
+
+    /// Opens the relay (`GET /api/v1/relay` upgraded to `meshd-relay`) and returns the raw stream the relay frames
+    /// travel on. Needs a client made with [`ControlClient::for_relay`].
+    pub async fn open_relay(&self, credential: &str) -> Result<reqwest::Upgraded, ControlError> {
+        let call = self
+            .http
+            .get(self.url(paths::RELAY))
+            .bearer_auth(credential)
+            .header(reqwest::header::CONNECTION, "Upgrade")
+            .header(reqwest::header::UPGRADE, meshd_protocol::relay::UPGRADE_PROTOCOL);
+        // A whole-request timeout would also cut the upgraded stream: bound only the handshake.
+        let response = tokio::time::timeout(CALL_TIMEOUT, self.send(call))
+            .await
+            .map_err(|_| ControlError::Unreachable {
+                url: self.base_url.clone(),
+                detail: format!("no answer to the relay request within {CALL_TIMEOUT:?}"),
+            })??;
+        match response.status() {
+            StatusCode::SWITCHING_PROTOCOLS => {}
+            StatusCode::NOT_FOUND => {
+                return Err(ControlError::Http {
+                    status: 404,
+                    code: error_codes::NOT_FOUND.into(),
+                    message: format!(
+                        "{} is missing: the coordinator is older than this meshd and has no relay; upgrade it \
+                         (direct paths keep working meanwhile)",
+                        paths::RELAY
+                    ),
+                });
+            }
+            _ => return Err(error_from(response).await),
+        }
+        tokio::time::timeout(CALL_TIMEOUT, response.upgrade())
+            .await
+            .map_err(|_| ControlError::Protocol("the relay upgrade did not complete in time".into()))?
+            .map_err(|e| ControlError::Protocol(format!("relay upgrade failed: {}", error_chain(&e))))
     }
 
     fn url(&self, path: &str) -> String {
