@@ -7,20 +7,45 @@
 //! Does no IO of its own, so unit tests drive it with a recording fake.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use meshd_protocol::{MapMessage, NetworkMap, NodeId};
+use tokio::sync::mpsc;
 
-use crate::engine::{Engine, EngineStatus, PeerConfig};
+use crate::engine::{Engine, EngineStatus, PeerConfig, RelayDatagram};
+use crate::netcheck::Discovery;
 use crate::reconcile;
+use crate::relay::RelayStatus;
 use crate::state::Identity;
 
+/// The answer of a STUN probe: the mapped address, or why there is none.
+pub type StunFuture<'a> = Pin<Box<dyn Future<Output = Result<SocketAddr, String>> + Send + 'a>>;
+
 /// The data plane as the control loop and the control socket see it. [`Engine`] is the real one; tests use a fake.
+/// The NAT-traversal methods have defaults that describe a data plane without relay or STUN (direct paths only).
 pub trait DataPlane: Send + Sync + 'static {
     /// Makes the peer set equal to `peers`, leaving unchanged peers untouched.
     fn reconfigure(&self, peers: Vec<PeerConfig>);
     fn status(&self) -> EngineStatus;
     fn listen_port(&self) -> u16;
+
+    /// The relay channels: datagrams the data plane wants relayed (taken once: `None` on the second call, or when
+    /// this data plane has no relay) and where the relay client hands the datagrams it received.
+    fn relay_channels(&self) -> Option<(mpsc::Receiver<RelayDatagram>, mpsc::Sender<RelayDatagram>)> {
+        None
+    }
+    /// Whether the relay is connected (called on every change).
+    fn set_relay_connected(&self, _connected: bool) {}
+    /// Sends a STUN binding request from the WireGuard socket to `server` and waits up to `timeout` for the answer.
+    fn stun(&self, _server: SocketAddr, _timeout: Duration) -> StunFuture<'_> {
+        Box::pin(async { Err("this data plane cannot send STUN requests".to_string()) })
+    }
+    /// This node's own candidate endpoints (interfaces + STUN-mapped), for the peers' CallMeMaybe.
+    fn set_own_endpoints(&self, _endpoints: Vec<SocketAddr>) {}
 }
 
 impl DataPlane for Engine {
@@ -55,6 +80,10 @@ pub struct AgentState {
     pub identity: Identity,
     pub interface: String,
     pub dataplane: Arc<dyn DataPlane>,
+    /// The relay connection as the relay client ([`crate::relay`]) last saw it.
+    pub relay: Arc<RelayStatus>,
+    /// What STUN and the interfaces say about this node's own endpoints ([`crate::follow`] writes it).
+    pub discovery: Arc<Discovery>,
     map: RwLock<Option<NetworkMap>>,
     phase: Mutex<Phase>,
 }
@@ -65,6 +94,8 @@ impl AgentState {
             identity,
             interface,
             dataplane,
+            relay: Arc::default(),
+            discovery: Arc::default(),
             map: RwLock::new(None),
             phase: Mutex::new(Phase::Joining),
         }

@@ -20,6 +20,9 @@
 //! - [`endpoints`]: which local addresses to report as UDP endpoints.
 //! - [`ctl`]: the local control socket (server in the agent, client in the CLI) for status, ping and down.
 //! - [`ping`]: ICMP echo over the overlay from the agent.
+//! - [`relay`]: the relay client: one upgraded HTTPS connection to the coordinator carrying datagrams for peers no
+//!   direct path reaches; reconnects with backoff; tells the engine whether it is up.
+//! - [`netcheck`]: STUN servers, probes and the NAT mapping classification (`meshd netcheck`).
 //! - [`engine`]: the data plane (TUN, UDP, boringtun); configured only through `Engine::reconfigure`.
 //!
 //! Invariants: the private key is never sent or logged; `control` knows nothing of WireGuard and `engine` nothing of
@@ -37,7 +40,9 @@ pub mod endpoints;
 pub mod engine;
 pub mod follow;
 pub mod keys;
+pub mod netcheck;
 pub mod ping;
 pub mod reconcile;
+pub mod relay;
 pub mod state;
 pub mod tls;

@@ -72,6 +72,13 @@ const HANDSHAKE_RATE_LIMIT: u64 = 200;
 /// How long [`Engine::shutdown`] waits for each packet task before aborting it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// A datagram to or from the relay: WireGuard or disco bytes for/from `peer` (design section 5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayDatagram {
+    pub peer: PublicKey,
+    pub datagram: bytes::Bytes,
+}
+
 /// Everything needed to bring the data plane up. Fixed for the engine's lifetime.
 pub struct EngineConfig {
     /// TUN interface name, e.g. `mesh0`.
