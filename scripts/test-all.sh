@@ -27,8 +27,9 @@ PACKAGES=(
     postgresql                      # coordinator suite on PostgreSQL
     openssh-server openssh-client   # lab: ssh across the mesh
     iproute2 iptables iputils-ping procps curl ca-certificates   # lab: namespaces, NAT, loss, pings, admin API
+    conntrack                       # NAT lab: inspect and flush a NAT router's mappings
     wireguard-go wireguard-tools    # lab: stock WireGuard interop
-    iperf3 jq ethtool               # benchmark (tests/bench/meshd.sh)
+    iperf3 jq ethtool               # benchmarks (tests/bench/meshd.sh, the NAT lab's relay-vs-direct run)
 )
 
 [[ $EUID -eq 0 ]] || die "run as root: the tests create network namespaces and TUN devices (sudo bash $0)"

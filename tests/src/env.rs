@@ -30,6 +30,8 @@ fn package_of(tool: &str) -> &'static str {
         "ssh" | "ssh-keygen" => "openssh-client",
         "wg" => "wireguard-tools",
         "wireguard-go" => "wireguard-go",
+        "conntrack" => "conntrack",
+        "iperf3" => "iperf3",
         _ => "?",
     }
 }

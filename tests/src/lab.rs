@@ -158,14 +158,14 @@ impl Lab {
         Ok(path)
     }
 
-    fn create_ns(&self, role: &str) -> Result<String> {
+    pub(crate) fn create_ns(&self, role: &str) -> Result<String> {
         let name = format!("mlab-{}-{role}", self.id);
         let ns = Netns::create(&name)?;
         self.namespaces.borrow_mut().push(ns);
         Ok(name)
     }
 
-    fn with_ns<T>(&self, name: &str, f: impl FnOnce(&Netns) -> Result<T>) -> Result<T> {
+    pub(crate) fn with_ns<T>(&self, name: &str, f: impl FnOnce(&Netns) -> Result<T>) -> Result<T> {
         let namespaces = self.namespaces.borrow();
         let ns = namespaces
             .iter()
@@ -185,7 +185,7 @@ impl Lab {
         Ok(name)
     }
 
-    fn take_subnet(&self) -> Result<u8> {
+    pub(crate) fn take_subnet(&self) -> Result<u8> {
         let k = self.next_subnet.get();
         if k >= 250 {
             bail!("lab {} has no subnets left", self.name);
@@ -196,7 +196,7 @@ impl Lab {
 
     /// Attaches namespace `ns` to the router on subnet 198.18.k.0/24: `eth0` = 198.18.k.2, router side = .1, and
     /// the one route 198.18.0.0/15 via the router.
-    fn attach_to_router(&self, ns: &str, k: u8) -> Result<Ipv4Addr> {
+    pub(crate) fn attach_to_router(&self, ns: &str, k: u8) -> Result<Ipv4Addr> {
         let router = self.router()?;
         let router_if = format!("h{k}");
         cmd::run_ok(

@@ -9,6 +9,9 @@
 //! - [`netns`]: one network namespace as a guard deleted on drop.
 //! - [`lab`]: the topology (a router, hosts in their own subnets, NAT sites, loss) and the scenario runner that
 //!   prints every log when a scenario fails.
+//! - [`natlab`]: NAT sites (endpoint-independent, endpoint-dependent, 1:1) in front of private segments, with
+//!   runtime changes (UDP blocked, mappings flushed) and their conntrack view; [`path`]: the peer paths
+//!   `meshd status --json` reports, and waits on them.
 //! - [`mesh`]: a coordinator host and node hosts running the real binaries; the admin API through `curl`.
 //! - [`ssh`]: an `sshd` from Debian's openssh-server inside a node's namespace, and its client.
 //! - [`wireguard`]: a stock `wireguard-go` + `wg` peer.
@@ -26,7 +29,9 @@ pub mod cmd;
 pub mod env;
 pub mod lab;
 pub mod mesh;
+pub mod natlab;
 pub mod netns;
+pub mod path;
 pub mod process;
 pub mod ssh;
 pub mod wait;
