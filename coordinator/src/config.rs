@@ -21,6 +21,10 @@ pub const DEFAULT_DATA_DIR: &str = "./meshd-data";
 /// Changes kept in the log for resuming streams; a node offline for longer gets a full map (a few KB per 100 nodes),
 /// so this only needs to cover ordinary reconnects.
 pub const DEFAULT_KEEP_CHANGES: u64 = 10_000;
+/// UDP ports answering STUN binding requests; two, so a node can tell an endpoint-independent NAT mapping from an
+/// endpoint-dependent one (same mapped port seen from both or not).
+pub const DEFAULT_STUN_PORT: u16 = 3478;
+pub const DEFAULT_STUN_ALT_PORT: u16 = 3479;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -92,6 +96,24 @@ pub struct ServeArgs {
     /// Changes kept for nodes that resume their map stream [default: 10000].
     #[arg(long, env = "MESHD_KEEP_CHANGES", value_name = "N")]
     pub keep_changes: Option<u64>,
+    /// UDP port answering STUN binding requests, on the listen address's IP (0: any free port) [default: 3478].
+    #[arg(long, env = "MESHD_STUN_PORT", value_name = "PORT")]
+    pub stun_port: Option<u16>,
+    /// Second STUN port, so nodes can tell how their NAT maps ports (0: any free port) [default: 3479].
+    #[arg(long, env = "MESHD_STUN_ALT_PORT", value_name = "PORT")]
+    pub stun_alt_port: Option<u16>,
+    /// Answer no STUN requests (nodes then only learn their public address from their peers).
+    #[arg(
+        long, env = "MESHD_NO_STUN", conflicts_with_all = ["stun_port", "stun_alt_port"],
+        action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub no_stun: bool,
+    /// Do not serve the relay (GET /api/v1/relay): peers without a direct path then cannot reach each other.
+    #[arg(
+        long, env = "MESHD_NO_RELAY",
+        action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub no_relay: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +180,10 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub no_tls: Option<bool>,
     pub keep_changes: Option<u64>,
+    pub stun_port: Option<u16>,
+    pub stun_alt_port: Option<u16>,
+    pub no_stun: Option<bool>,
+    pub no_relay: Option<bool>,
 }
 
 impl FileConfig {
@@ -195,12 +221,16 @@ pub struct ServeConfig {
     pub public_url: Option<String>,
     pub tls: TlsMode,
     pub keep_changes: u64,
+    /// UDP ports answering STUN on the listen address's IP (0: any free port); empty: STUN off.
+    pub stun_ports: Vec<u16>,
+    /// Serve the relay route.
+    pub relay: bool,
     /// Handler time limit (not a flag: a tuning knob for embedding and tests).
     pub request_timeout: Duration,
 }
 
 impl ServeConfig {
-    /// Defaults for tests and embedding: plain HTTP, data in `data_dir`.
+    /// Defaults for tests and embedding: plain HTTP, data in `data_dir`, STUN on two free ports, relay on.
     pub fn for_tests(data_dir: &Path, database_url: Option<String>) -> Self {
         let storage = StorageConfig {
             data_dir: data_dir.to_path_buf(),
@@ -213,6 +243,8 @@ impl ServeConfig {
             public_url: None,
             tls: TlsMode::Off,
             keep_changes: DEFAULT_KEEP_CHANGES,
+            stun_ports: vec![0, 0],
+            relay: true,
             request_timeout: crate::http::REQUEST_TIMEOUT,
         }
     }
@@ -302,6 +334,23 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
     if keep_changes == 0 {
         bail!("--keep-changes must be at least 1");
     }
+    let no_stun = args.no_stun || file.no_stun.unwrap_or(false);
+    let stun_ports = if no_stun {
+        Vec::new()
+    } else {
+        let port = args.stun_port.or(file.stun_port).unwrap_or(DEFAULT_STUN_PORT);
+        let alt = args
+            .stun_alt_port
+            .or(file.stun_alt_port)
+            .unwrap_or(DEFAULT_STUN_ALT_PORT);
+        if port == alt && port != 0 {
+            bail!(
+                "--stun-port and --stun-alt-port are both {port}: they must differ (or turn STUN off with --no-stun)"
+            );
+        }
+        vec![port, alt]
+    };
+    let relay = !(args.no_relay || file.no_relay.unwrap_or(false));
     Ok(ServeConfig {
         storage,
         listen,
@@ -309,6 +358,8 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
         public_url,
         tls,
         keep_changes,
+        stun_ports,
+        relay,
         request_timeout: crate::http::REQUEST_TIMEOUT,
     })
 }
@@ -337,6 +388,39 @@ mod tests {
         assert_eq!(cfg.network.to_string(), "10.9.0.0/24", "file beats default");
         assert_eq!(cfg.tls, TlsMode::SelfSigned);
         assert_eq!(cfg.storage.database_url, "sqlite:///tmp/x/meshd.db?mode=rwc");
+        assert_eq!(cfg.stun_ports, vec![DEFAULT_STUN_PORT, DEFAULT_STUN_ALT_PORT]);
+        assert!(cfg.relay);
+    }
+
+    #[test]
+    fn stun_and_relay_settings() {
+        let file: FileConfig = toml::from_str("stun_port = 4000\nno_relay = true").expect("toml");
+        let args = ServeArgs {
+            stun_alt_port: Some(4001),
+            ..Default::default()
+        };
+        let cfg = serve(&common(), &args, &file).expect("valid");
+        assert_eq!(cfg.stun_ports, vec![4000, 4001]);
+        assert!(!cfg.relay);
+        let off = ServeArgs {
+            no_stun: true,
+            ..Default::default()
+        };
+        assert!(serve(&common(), &off, &file).expect("valid").stun_ports.is_empty());
+        let same = ServeArgs {
+            stun_alt_port: Some(4000),
+            ..Default::default()
+        };
+        assert!(format!("{:#}", serve(&common(), &same, &file).expect_err("same port")).contains("must differ"));
+        let ephemeral = ServeArgs {
+            stun_port: Some(0),
+            stun_alt_port: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            serve(&common(), &ephemeral, &file).expect("valid").stun_ports,
+            vec![0, 0]
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! - [`ops`]: operations shared by the API and the CLI; [`cli`]: the non-serving commands.
 //! - [`tls`]: the self-signed certificate and its fingerprint; [`telemetry`]: Prometheus metrics.
 //! - [`joinkey`]: the static X25519 join key and the check of join proofs (proof of possession of a node's key).
+//! - [`stun`]: the STUN server (UDP) nodes learn their NAT-mapped address from; [`relay`]: the relay registry and
+//!   connections that forward datagrams between agents without a direct path.
 //!
 //! Entry point for tests and embedding: [`run`] with a bound listener and a shutdown future.
 
@@ -26,8 +28,10 @@ pub mod model;
 pub mod naming;
 pub mod netmap;
 pub mod ops;
+pub mod relay;
 pub mod secrets;
 pub mod store;
+pub mod stun;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;
@@ -108,6 +112,13 @@ pub async fn run(
     };
     let cancel = CancellationToken::new();
     let broker = broker::Broker::start(store.clone(), config.keep_changes, cancel.clone()).await?;
+    // STUN answers on the listening address's IP (all addresses when it listens on all).
+    let stun_ports = stun::start(local.ip(), &config.stun_ports, cancel.clone())
+        .await
+        .inspect_err(|_| cancel.cancel())?;
+    let relay = config
+        .relay
+        .then(|| relay::Relay::start(store.clone(), &broker, cancel.clone()));
     let state = http::AppState::new(http::StateInner {
         store: store.clone(),
         broker,
@@ -118,6 +129,8 @@ pub async fn run(
         shutdown: cancel.clone(),
         metrics,
         request_timeout: config.request_timeout,
+        stun_ports,
+        relay,
         openapi_json: OnceLock::new(),
     });
     let app = http::router(state);

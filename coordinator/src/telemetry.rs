@@ -18,6 +18,17 @@ pub const JOINS_REFUSED: &str = "meshd_joins_refused_total";
 pub const MAP_UPDATES: &str = "meshd_map_updates_sent_total";
 /// Gauge: map streams open in this process.
 pub const MAP_STREAMS: &str = "meshd_map_streams";
+/// Counter: STUN binding requests answered.
+pub const STUN_REQUESTS: &str = "meshd_stun_requests_total";
+/// Gauge: relay connections open in this process.
+pub const RELAY_CONNECTIONS: &str = "meshd_relay_connections";
+/// Counter: datagrams the relay delivered to a receiver's queue.
+pub const RELAY_PACKETS: &str = "meshd_relay_packets_total";
+/// Counter: bytes of those datagrams.
+pub const RELAY_BYTES: &str = "meshd_relay_bytes_total";
+/// Counter: datagrams the relay dropped, by `reason` (`no_peer`: the destination has no connection here;
+/// `queue_full`: the receiver reads too slowly).
+pub const RELAY_DROPPED: &str = "meshd_relay_dropped_packets_total";
 
 /// Latency buckets in seconds: API calls take milliseconds; a slow database shows up in the upper buckets.
 const BUCKETS: &[f64] = &[
@@ -62,4 +73,16 @@ pub fn describe() {
     metrics::describe_counter!(JOINS_REFUSED, "Refused joins, by error code.");
     metrics::describe_counter!(MAP_UPDATES, "Map messages (full maps and deltas) sent to nodes.");
     metrics::describe_gauge!(MAP_STREAMS, "Map streams open in this process.");
+    metrics::describe_counter!(STUN_REQUESTS, "STUN binding requests answered.");
+    metrics::describe_gauge!(RELAY_CONNECTIONS, "Relay connections open in this process.");
+    metrics::describe_counter!(RELAY_PACKETS, "Datagrams forwarded by the relay.");
+    metrics::describe_counter!(
+        RELAY_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of datagrams forwarded by the relay."
+    );
+    metrics::describe_counter!(
+        RELAY_DROPPED,
+        "Datagrams the relay dropped, by reason (no_peer, queue_full)."
+    );
 }

@@ -2,13 +2,14 @@
 //!
 //! Routes are registered through `utoipa_axum::routes!`, so the OpenAPI document (`GET /api/v1/openapi.json`) is
 //! generated from the same annotations that register the handlers and cannot miss a route.
-//! Layout: [`node`] (what the node agent calls), [`stream`] (the map stream), [`admin`] (bearer admin API key),
+//! Layout: [`node`] (what the node agent calls), [`stream`] (the map stream), [`relay`] (the relay upgrade), [`admin`] (bearer admin API key),
 //! [`meta`] (health, metrics, the document itself), [`extract`] (auth capabilities and error-mapping extractors).
 
 pub mod admin;
 pub mod extract;
 pub mod meta;
 pub mod node;
+pub mod relay;
 pub mod stream;
 
 use std::ops::Deref;
@@ -58,6 +59,10 @@ pub struct StateInner {
     pub metrics: PrometheusHandle,
     /// See [`REQUEST_TIMEOUT`].
     pub request_timeout: std::time::Duration,
+    /// UDP ports answering STUN (published by `GET /api/v1/info`); empty when STUN is off.
+    pub stun_ports: Vec<u16>,
+    /// The relay, `None` when it is off (`--no-relay`).
+    pub relay: Option<Arc<crate::relay::Relay>>,
     /// The generated OpenAPI document, set once the router is built.
     pub openapi_json: OnceLock<String>,
 }
@@ -110,6 +115,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(stream::map))
         .routes(routes!(node::report_endpoints))
         .routes(routes!(node::leave))
+        .routes(routes!(relay::relay))
         .routes(routes!(admin::create_token, admin::list_tokens))
         .routes(routes!(admin::revoke_token))
         .routes(routes!(admin::list_nodes, admin::register_device))

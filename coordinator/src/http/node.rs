@@ -30,8 +30,8 @@ pub async fn info(State(state): State<AppState>) -> Json<CoordinatorInfo> {
     Json(CoordinatorInfo {
         protocol_version: PROTOCOL_VERSION,
         join_key: state.join_key.public_key(),
-        stun_ports: Vec::new(),
-        relay: false,
+        stun_ports: state.stun_ports.clone(),
+        relay: state.relay.is_some(),
     })
 }
 
