@@ -103,6 +103,8 @@ fn parse_peer(spec: &str, keepalive: Option<u16>) -> Result<PeerConfig> {
         allowed_ips,
         endpoints,
         persistent_keepalive: keepalive,
+        // Classic WireGuard between the two ends (no disco, no relay): what this example measures.
+        kind: meshd_node::engine::NodeKind::Device,
     })
 }
 

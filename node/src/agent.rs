@@ -202,6 +202,7 @@ mod tests {
                 listen_port: 1,
                 peers: vec![],
                 counters: EngineCounters::default(),
+                ..EngineStatus::default()
             }
         }
         fn listen_port(&self) -> u16 {

@@ -30,6 +30,7 @@ fn peer_config(peer: &MapNode) -> PeerConfig {
         allowed_ips: vec![Ipv4Net::new(peer.ip, 32).expect("32 is a valid IPv4 prefix length")],
         endpoints: peer.endpoints.clone(),
         persistent_keepalive: Some(PERSISTENT_KEEPALIVE_SECS),
+        kind: peer.kind,
     }
 }
 

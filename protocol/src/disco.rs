@@ -261,9 +261,7 @@ fn decode(plaintext: &[u8]) -> Result<DiscoMessage, DiscoError> {
     match kind {
         TYPE_PING => Ok(DiscoMessage::Ping { tx: tx()? }),
         TYPE_PONG => {
-            let addr = payload
-                .get(TX_LEN..TX_LEN + ADDR_LEN)
-                .ok_or(DiscoError::Malformed)?;
+            let addr = payload.get(TX_LEN..TX_LEN + ADDR_LEN).ok_or(DiscoError::Malformed)?;
             Ok(DiscoMessage::Pong {
                 tx: tx()?,
                 observed: decode_addr(addr),
@@ -367,7 +365,10 @@ mod tests {
         let (pa, pb) = (XPublic::from(&a), XPublic::from(&b));
         let ka = DiscoKey::from_shared_secret(a.diffie_hellman(&pb).to_bytes());
         let kb = DiscoKey::from_shared_secret(b.diffie_hellman(&pa).to_bytes());
-        let (a_key, b_key) = (PublicKey::from_bytes(pa.to_bytes()), PublicKey::from_bytes(pb.to_bytes()));
+        let (a_key, b_key) = (
+            PublicKey::from_bytes(pa.to_bytes()),
+            PublicKey::from_bytes(pb.to_bytes()),
+        );
         let ping = DiscoMessage::Ping { tx: TxId([5; 12]) };
         let sealed = ka.seal(&ping, &a_key, &b_key, [8; 24]);
         assert_eq!(kb.open(&sealed, &b_key), Ok(ping));
@@ -437,9 +438,8 @@ mod tests {
     fn arb_addr() -> impl Strategy<Value = SocketAddr> {
         prop_oneof![
             (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
-            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| {
-                SocketAddr::new(Ipv6Addr::from(ip).to_canonical(), port)
-            }),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, port)| { SocketAddr::new(Ipv6Addr::from(ip).to_canonical(), port) }),
         ]
     }
 

@@ -21,6 +21,10 @@ pub(crate) struct Counters {
     pub(crate) cookie_replies_sent: AtomicU64,
     pub(crate) udp_send_errors: AtomicU64,
     pub(crate) tun_write_errors: AtomicU64,
+    pub(crate) relay_tx_bytes: AtomicU64,
+    pub(crate) relay_rx_bytes: AtomicU64,
+    pub(crate) relay_dropped_datagrams: AtomicU64,
+    pub(crate) rejected_disco: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -43,6 +47,10 @@ impl Counters {
             cookie_replies_sent: get(&self.cookie_replies_sent),
             udp_send_errors: get(&self.udp_send_errors),
             tun_write_errors: get(&self.tun_write_errors),
+            relay_tx_bytes: get(&self.relay_tx_bytes),
+            relay_rx_bytes: get(&self.relay_rx_bytes),
+            relay_dropped_datagrams: get(&self.relay_dropped_datagrams),
+            rejected_disco: get(&self.rejected_disco),
         }
     }
 }

@@ -40,25 +40,32 @@ mod dispatch;
 mod endpoint;
 mod inbound;
 mod outbound;
+mod path;
 mod peers;
 mod timers;
 mod tun;
 mod udp;
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519;
 use ipnet::Ipv4Net;
+pub use meshd_protocol::NodeKind;
 use meshd_protocol::PublicKey;
+use meshd_protocol::stun::{self, TransactionId};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use x25519_dalek::StaticSecret;
 
 use self::counters::Counters;
+use self::path::Route;
 use self::peers::{PeerTable, TunnFactory, build_table};
 
 /// WireGuard's per-packet overhead (16 B header + 16 B tag, no padding in boringtun).
@@ -72,12 +79,15 @@ const HANDSHAKE_RATE_LIMIT: u64 = 200;
 /// How long [`Engine::shutdown`] waits for each packet task before aborting it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// A datagram to or from the relay: WireGuard or disco bytes for/from `peer` (design section 5).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelayDatagram {
-    pub peer: PublicKey,
-    pub datagram: bytes::Bytes,
-}
+/// Datagrams waiting between the engine and the relay client, each way. When full, the engine drops (counted)
+/// rather than wait: the relay is a fallback path and must never stall the packet tasks.
+const RELAY_QUEUE: usize = 1024;
+
+/// A STUN request is sent again this often until it is answered or the caller's timeout passes (UDP loses packets).
+const STUN_RETRANSMIT: Duration = Duration::from_millis(500);
+
+/// Most own endpoints sent in a CallMeMaybe (the disco format's limit).
+const MAX_OWN_ENDPOINTS: usize = meshd_protocol::disco::MAX_CALL_ME_MAYBE_ENDPOINTS;
 
 /// Everything needed to bring the data plane up. Fixed for the engine's lifetime.
 pub struct EngineConfig {
@@ -108,6 +118,8 @@ pub struct PeerConfig {
     pub endpoints: Vec<SocketAddr>,
     /// Persistent keepalive interval, to keep NAT mappings open.
     pub persistent_keepalive: Option<u16>,
+    /// Agent: disco path selection and the relay. Device: classic WireGuard (endpoint + roaming), never the relay.
+    pub kind: NodeKind,
 }
 
 /// Counters and state of one peer, for `meshd status`.
@@ -115,14 +127,20 @@ pub struct PeerConfig {
 pub struct PeerStatus {
     pub public_key: PublicKey,
     pub name: String,
-    /// The endpoint packets currently go to (roamed or configured); None if unknown.
+    /// The direct address packets currently go to (confirmed by disco, roamed or configured); None when they go
+    /// over the relay or nowhere yet.
     pub endpoint: Option<SocketAddr>,
-    /// "direct" (the relay comes in a later issue).
+    /// "direct" (UDP to `endpoint`), "relay" (through the coordinator's relay) or "none" (no path known yet).
     pub path: &'static str,
+    /// RTT of the last disco pong on the direct path (agent peers).
+    pub latency_ms: Option<f64>,
     /// Time since the last completed handshake; None if never.
     pub last_handshake: Option<Duration>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The part of rx/tx that went through the relay.
+    pub relay_rx_bytes: u64,
+    pub relay_tx_bytes: u64,
 }
 
 /// Engine-wide counters of things dropped instead of crashing.
@@ -145,14 +163,42 @@ pub struct EngineCounters {
     pub cookie_replies_sent: u64,
     pub udp_send_errors: u64,
     pub tun_write_errors: u64,
+    /// Bytes of WireGuard and disco datagrams sent to / received from the relay.
+    pub relay_tx_bytes: u64,
+    pub relay_rx_bytes: u64,
+    /// Datagrams dropped because the relay queue was full or the relay client is gone.
+    pub relay_dropped_datagrams: u64,
+    /// Disco datagrams that failed authentication or came from an unknown or non-agent key.
+    pub rejected_disco: u64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct EngineStatus {
     pub interface: String,
     pub listen_port: u16,
     pub peers: Vec<PeerStatus>,
     pub counters: EngineCounters,
+    /// The relay client reports a live relay connection.
+    pub relay_connected: bool,
+    /// Peers whose packets go over UDP / over the relay right now.
+    pub direct_peers: usize,
+    pub relayed_peers: usize,
+}
+
+/// A datagram to or from the relay: WireGuard or disco bytes for/from `peer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayDatagram {
+    pub peer: PublicKey,
+    pub datagram: bytes::Bytes,
+}
+
+/// Why [`Engine::stun`] has no mapped address.
+#[derive(Debug, thiserror::Error)]
+pub enum StunProbeError {
+    #[error("no STUN answer from {server} within {timeout:?} (UDP blocked, or the server does not answer STUN)")]
+    Timeout { server: SocketAddr, timeout: Duration },
+    #[error("cannot send a STUN request to {server}: {source}")]
+    Send { server: SocketAddr, source: std::io::Error },
 }
 
 /// Why the engine could not start; messages say what to do next.
@@ -197,6 +243,24 @@ pub(crate) struct Shared {
     datagram_slot: usize,
     /// Serialises reconfigures; holds the next peer index to hand out.
     next_index: Mutex<u32>,
+    /// Datagrams for the relay client (taken once by [`Engine::take_relay_outbound`]).
+    relay_out: mpsc::Sender<RelayDatagram>,
+    relay_out_rx: Mutex<Option<mpsc::Receiver<RelayDatagram>>>,
+    /// Where the relay client puts what it received; the `relayed` task reads it.
+    relay_in: mpsc::Sender<RelayDatagram>,
+    relay_connected: AtomicBool,
+    /// Our own endpoints for CallMeMaybe and the /24s of our interfaces (the LAN bonus); `own_generation` counts
+    /// changes so the timer task starts bursts on a network change.
+    own: Mutex<OwnEndpoints>,
+    own_generation: AtomicU64,
+    /// STUN requests in flight from [`Engine::stun`], answered by the inbound task.
+    stun_waiters: Mutex<HashMap<TransactionId, oneshot::Sender<SocketAddr>>>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct OwnEndpoints {
+    pub(crate) endpoints: Vec<SocketAddr>,
+    pub(crate) lan_prefixes: Vec<[u8; 3]>,
 }
 
 impl Shared {
@@ -204,11 +268,67 @@ impl Shared {
     pub(crate) async fn send_batch(&self, batch: &mut udp::SendBatch) {
         let failures = batch.flush(&self.udp).await;
         if failures > 0 {
-            self.counters
-                .udp_send_errors
-                .fetch_add(failures, std::sync::atomic::Ordering::Relaxed);
+            self.counters.udp_send_errors.fetch_add(failures, Ordering::Relaxed);
         }
     }
+
+    pub(crate) fn relay_connected(&self) -> bool {
+        self.relay_connected.load(Ordering::Relaxed)
+    }
+
+    /// Hands a datagram to the relay client (a copy: the relay is the fallback path). Never waits: a full queue or
+    /// an absent relay client drops it (counted). True if queued.
+    pub(crate) fn send_relay(&self, peer: PublicKey, datagram: &[u8]) -> bool {
+        relay_send(&self.relay_out, &self.counters, peer, datagram)
+    }
+
+    /// A STUN binding response arrived on the WireGuard socket: hand it to the waiting [`Engine::stun`] call.
+    /// False if nobody waits for it (then it is not STUN we asked for).
+    pub(crate) fn take_stun_response(&self, datagram: &[u8]) -> bool {
+        let Ok((tx, mapped)) = stun::parse_binding_response(datagram) else {
+            return false;
+        };
+        let waiter = self
+            .stun_waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&tx);
+        match waiter {
+            Some(waiter) => {
+                let _ = waiter.send(udp::canonical(mapped));
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn own_endpoints(&self) -> OwnEndpoints {
+        self.own.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// [`Shared::send_relay`] on borrowed parts (the inbound sinks hold these apart from the rest of `Shared`).
+pub(crate) fn relay_send(
+    out: &mpsc::Sender<RelayDatagram>,
+    counters: &Counters,
+    peer: PublicKey,
+    datagram: &[u8],
+) -> bool {
+    let queued = out
+        .try_send(RelayDatagram {
+            peer,
+            datagram: bytes::Bytes::copy_from_slice(datagram),
+        })
+        .is_ok();
+    if queued {
+        counters
+            .relay_tx_bytes
+            .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+        tracing::trace!(peer = ?peer, len = datagram.len(), "datagram to the relay");
+    } else {
+        counters::bump(&counters.relay_dropped_datagrams);
+    }
+    queued
 }
 
 /// What to do about a TUN creation error, by errno.
@@ -263,6 +383,8 @@ impl Engine {
         };
         let public_key = x25519::PublicKey::from(&config.private_key);
         let max_packet = usize::from(config.mtu).max(1280);
+        let (relay_out, relay_out_rx) = mpsc::channel(RELAY_QUEUE);
+        let (relay_in, relay_in_rx) = mpsc::channel(RELAY_QUEUE);
         let shared = Arc::new(Shared {
             table: ArcSwap::from_pointee(PeerTable::default()),
             counters: Counters::default(),
@@ -277,12 +399,20 @@ impl Engine {
             // A random start, like wireguard-go's random indices: the numbers on the wire say nothing about how
             // many peers there are or in which order they came.
             next_index: Mutex::new(rand::random::<u32>() & 0x00FF_FFFF),
+            relay_out,
+            relay_out_rx: Mutex::new(Some(relay_out_rx)),
+            relay_in,
+            relay_connected: AtomicBool::new(false),
+            own: Mutex::new(OwnEndpoints::default()),
+            own_generation: AtomicU64::new(0),
+            stun_waiters: Mutex::new(HashMap::new()),
         });
         let cancel = CancellationToken::new();
         let tasks = vec![
             tokio::spawn(outbound::run(Arc::clone(&shared), cancel.clone())),
             tokio::spawn(inbound::run(Arc::clone(&shared), cancel.clone())),
             tokio::spawn(timers::run(Arc::clone(&shared), cancel.clone())),
+            tokio::spawn(inbound::run_relayed(Arc::clone(&shared), relay_in_rx, cancel.clone())),
         ];
         tracing::info!(
             interface = %config.interface,
@@ -339,28 +469,137 @@ impl Engine {
 
     pub fn status(&self) -> EngineStatus {
         let table = self.shared.table.load();
-        let peers = table
+        let now = Instant::now();
+        let relay_connected = self.shared.relay_connected();
+        let peers: Vec<PeerStatus> = table
             .peers()
             .iter()
             .map(|peer| {
                 let state = peer.lock();
+                let (path, latency_ms) = match &state.agent {
+                    Some(agent) => (
+                        match agent.path.route(now, relay_connected) {
+                            Route::Direct(_) => "direct",
+                            Route::Relay => "relay",
+                            Route::Nowhere => "none",
+                        },
+                        agent.path.latency().map(|rtt| rtt.as_secs_f64() * 1000.0),
+                    ),
+                    None => (
+                        if state.endpoint.current().is_some() {
+                            "direct"
+                        } else {
+                            "none"
+                        },
+                        None,
+                    ),
+                };
                 PeerStatus {
                     public_key: peer.public_key,
                     name: state.name.clone(),
-                    endpoint: state.endpoint.current(),
-                    path: "direct",
+                    endpoint: state.direct_endpoint(now, relay_connected),
+                    path,
+                    latency_ms,
                     last_handshake: state.tunn.time_since_last_handshake(),
                     rx_bytes: state.rx_bytes,
                     tx_bytes: state.tx_bytes,
+                    relay_rx_bytes: state.relay_rx_bytes,
+                    relay_tx_bytes: state.relay_tx_bytes,
                 }
             })
             .collect();
         EngineStatus {
             interface: self.interface.clone(),
             listen_port: self.listen_port(),
+            direct_peers: peers.iter().filter(|p| p.path == "direct").count(),
+            relayed_peers: peers.iter().filter(|p| p.path == "relay").count(),
             peers,
             counters: self.shared.counters.snapshot(),
+            relay_connected,
         }
+    }
+
+    /// Datagrams the engine wants relayed. Taken once by the relay client (None on the second call).
+    pub fn take_relay_outbound(&self) -> Option<mpsc::Receiver<RelayDatagram>> {
+        self.shared
+            .relay_out_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// Where the relay client hands the datagrams it received (WireGuard or disco, tagged with the sender's key).
+    pub fn relay_inbound(&self) -> mpsc::Sender<RelayDatagram> {
+        self.shared.relay_in.clone()
+    }
+
+    /// The relay client reports whether it is connected. Without a relay, agent peers behave as before: direct only
+    /// (best known address, else candidate rotation).
+    pub fn set_relay_connected(&self, connected: bool) {
+        if self.shared.relay_connected.swap(connected, Ordering::Relaxed) != connected {
+            tracing::info!(connected, "relay connection changed");
+        }
+    }
+
+    /// Sends a STUN binding request from the WireGuard socket (so the answer shows the NAT mapping WireGuard uses) and
+    /// waits for the answer, re-sending every 500 ms. The answer is taken off the socket by the inbound task.
+    pub async fn stun(&self, server: SocketAddr, timeout: Duration) -> Result<SocketAddr, StunProbeError> {
+        let tx = TransactionId(rand::random());
+        let (answer_tx, mut answer) = oneshot::channel();
+        let waiters = || self.shared.stun_waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        waiters().insert(tx, answer_tx);
+        let request = stun::binding_request(tx);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let result = loop {
+            if let Err(source) = self.shared.udp.send(server, &request, None).await {
+                break Err(StunProbeError::Send { server, source });
+            }
+            let wait = (tokio::time::Instant::now() + STUN_RETRANSMIT).min(deadline);
+            match tokio::time::timeout_at(wait, &mut answer).await {
+                Ok(Ok(mapped)) => break Ok(mapped),
+                Ok(Err(_)) => break Err(StunProbeError::Timeout { server, timeout }),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    break Err(StunProbeError::Timeout { server, timeout });
+                }
+                Err(_) => {}
+            }
+        };
+        waiters().remove(&tx);
+        result
+    }
+
+    /// This node's own candidate endpoints (interfaces + STUN-mapped), sent to agent peers in CallMeMaybe. A change
+    /// (a network change) starts a probe burst to every agent peer.
+    pub fn set_own_endpoints(&self, mut endpoints: Vec<SocketAddr>) {
+        endpoints.sort();
+        endpoints.dedup();
+        endpoints.truncate(MAX_OWN_ENDPOINTS);
+        // The /24s of addresses that are our own interfaces' (not the STUN-mapped one): same-LAN peers get a bonus.
+        let local: Vec<Ipv4Addr> = crate::endpoints::local_addresses()
+            .map(|addrs| addrs.into_iter().map(|a| a.address).collect())
+            .unwrap_or_default();
+        let mut lan_prefixes: Vec<[u8; 3]> = endpoints
+            .iter()
+            .filter_map(|e| match e.ip() {
+                std::net::IpAddr::V4(v4) if local.contains(&v4) => {
+                    let o = v4.octets();
+                    Some([o[0], o[1], o[2]])
+                }
+                _ => None,
+            })
+            .collect();
+        lan_prefixes.sort();
+        lan_prefixes.dedup();
+        let mut own = self.shared.own.lock().unwrap_or_else(PoisonError::into_inner);
+        if own.endpoints == endpoints && own.lan_prefixes == lan_prefixes {
+            return;
+        }
+        tracing::info!(?endpoints, "own endpoints changed");
+        *own = OwnEndpoints {
+            endpoints,
+            lan_prefixes,
+        };
+        self.shared.own_generation.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Stops the packet tasks and removes the TUN device.

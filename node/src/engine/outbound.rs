@@ -2,7 +2,9 @@
 //!
 //! Owns: reading batches from the device, routing each packet by destination overlay address, encrypting it with its
 //! peer's `Tunn`, and sending the batch with GSO. One task, so its buffers are reused without locking; per packet it
-//! takes only the destination peer's mutex, for one `encapsulate`. The peer table is loaded once per batch.
+//! takes only the destination peer's mutex, for one `encapsulate`. The peer table is loaded once per batch. Where
+//! the datagram goes is the peer's send rule (`PeerState::destination_for`): UDP into the batch, or (agent peers
+//! without a trusted direct path) a copy to the relay client's queue.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::counters::bump;
 use super::dispatch::{TunDrop, tun_destination};
-use super::peers::PeerTable;
+use super::peers::{Destination, PeerTable};
 use super::tun::{MAX_IP_PACKET, TUN_BATCH, TUN_OFFSET};
 use super::udp::SendBatch;
 use super::{DATA_OVERHEAD, Shared};
@@ -112,17 +114,23 @@ fn encapsulate_one(
         return bump(&shared.counters.no_route_packets);
     };
     let mut state = peer.lock();
+    state.note_traffic(now);
     match state.tunn.encapsulate(packet, batch.tail()) {
         TunnResult::WriteToNetwork(datagram) => {
             let len = datagram.len();
-            let endpoint = state.destination_for(datagram);
-            match endpoint {
-                Some(endpoint) => {
+            match state.destination_for(datagram, now, shared.relay_connected()) {
+                Destination::Udp(endpoint) => {
                     state.note_sent(len, now);
                     drop(state);
                     batch.commit(len, endpoint, max_segments);
                 }
-                None => bump(&shared.counters.no_endpoint_packets),
+                // The fallback path: one copy into the relay queue (the direct path above stays copy-free).
+                Destination::Relay => {
+                    if shared.send_relay(peer.public_key, &batch.tail()[..len]) {
+                        state.note_sent_relayed(len, now);
+                    }
+                }
+                Destination::Unknown => bump(&shared.counters.no_endpoint_packets),
             }
         }
         // Queued inside the Tunn until the handshake completes.

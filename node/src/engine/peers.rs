@@ -18,11 +18,13 @@ use boringtun::noise::Tunn;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519;
 use ipnet::Ipv4Net;
-use meshd_protocol::PublicKey;
+use meshd_protocol::disco::DiscoKey;
+use meshd_protocol::{NodeKind, PublicKey};
 
 use super::PeerConfig;
 use super::dispatch::{MSG_HANDSHAKE_INIT, message_type};
 use super::endpoint::EndpointState;
+use super::path::{PathState, Route};
 
 /// Peer indices must fit in 24 bits: boringtun shifts them left by 8 for the session counter.
 const MAX_PEER_INDEX: u32 = (1 << 24) - 1;
@@ -38,17 +40,59 @@ pub(crate) struct Peer {
 /// Everything about a peer that changes per packet; guarded by the peer's mutex.
 pub(crate) struct PeerState {
     pub(crate) tunn: Tunn,
+    /// Device peers: classic WireGuard endpoint (roaming + candidate rotation). Unused for agents.
     pub(crate) endpoint: EndpointState,
+    /// Agent peers: disco path selection and the pair's disco key. None for devices.
+    pub(crate) agent: Option<Box<AgentPath>>,
     pub(crate) name: String,
     /// Our own persistent keepalive (boringtun's cannot be changed on a live `Tunn`, ours follows reconfigure).
     pub(crate) keepalive: Option<Duration>,
     /// Bytes on the wire (encrypted datagrams), like `wg show` transfer.
     pub(crate) rx_bytes: u64,
     pub(crate) tx_bytes: u64,
+    /// The part of rx/tx that went through the relay.
+    pub(crate) relay_rx_bytes: u64,
+    pub(crate) relay_tx_bytes: u64,
     /// When we last sent this peer anything; the persistent keepalive counts from here.
     pub(crate) last_sent: Instant,
     /// Whether a session was up at the last timer tick (for up/down log lines only).
     pub(crate) was_connected: bool,
+}
+
+/// What an agent peer has that a device peer has not.
+pub(crate) struct AgentPath {
+    pub(crate) path: PathState,
+    /// The `Shared::own_generation` this path last heard about (our own endpoints changing starts a burst).
+    pub(crate) own_generation: u64,
+    /// Precomputed from X25519(our static secret, the peer's static key): never derived per packet.
+    pub(crate) disco: DiscoKey,
+}
+
+/// Where a datagram for a peer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Destination {
+    Udp(SocketAddr),
+    Relay,
+    /// Nowhere known yet: drop and count.
+    Unknown,
+}
+
+/// Where a datagram for a peer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    Udp(SocketAddr),
+    /// Through the relay, tagged by the relay with the sender's key.
+    Relay(PublicKey),
+}
+
+impl Origin {
+    /// The address for the rate limiter (None for the relay: its datagrams have no address of their own).
+    pub(crate) fn ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Origin::Udp(addr) => Some(addr.ip()),
+            Origin::Relay(_) => None,
+        }
+    }
 }
 
 impl Peer {
@@ -61,24 +105,70 @@ impl Peer {
 
 impl PeerState {
     /// Where a datagram the `Tunn` produced for this peer goes, noting handshake initiations so unanswered ones rotate
-    /// the candidate endpoint. None: no endpoint known yet.
-    pub(crate) fn destination_for(&mut self, datagram: &[u8]) -> Option<SocketAddr> {
-        if message_type(datagram) == MSG_HANDSHAKE_INIT {
+    /// the candidate endpoint. Device peers: their endpoint. Agent peers: the send rule of [`PathState`].
+    pub(crate) fn destination_for(&mut self, datagram: &[u8], now: Instant, relay_connected: bool) -> Destination {
+        let initiation = message_type(datagram) == MSG_HANDSHAKE_INIT;
+        if let Some(agent) = self.agent.as_mut() {
+            let route = if initiation {
+                agent.path.route_initiation(now, relay_connected)
+            } else {
+                agent.path.route(now, relay_connected)
+            };
+            return match route {
+                Route::Direct(addr) => Destination::Udp(addr),
+                Route::Relay => Destination::Relay,
+                Route::Nowhere => Destination::Unknown,
+            };
+        }
+        let endpoint = if initiation {
             self.endpoint.on_initiation()
         } else {
             self.endpoint.current()
-        }
+        };
+        endpoint.map_or(Destination::Unknown, Destination::Udp)
     }
 
+    /// A datagram of `len` bytes left for this peer.
     pub(crate) fn note_sent(&mut self, len: usize, now: Instant) {
         self.tx_bytes += len as u64;
         self.last_sent = now;
     }
 
-    /// A datagram from `source` authenticated for this peer: count it and follow the peer there (roaming).
-    pub(crate) fn note_authenticated(&mut self, len: usize, source: SocketAddr) {
+    /// [`PeerState::note_sent`] for a datagram that went to the relay.
+    pub(crate) fn note_sent_relayed(&mut self, len: usize, now: Instant) {
+        self.note_sent(len, now);
+        self.relay_tx_bytes += len as u64;
+    }
+
+    /// Data (not a keepalive or handshake) went to or came from the peer: keeps an agent's heartbeats fast.
+    pub(crate) fn note_traffic(&mut self, now: Instant) {
+        if let Some(agent) = self.agent.as_mut() {
+            agent.path.note_traffic(now);
+        }
+    }
+
+    /// A datagram from `origin` authenticated for this peer: count it. A device peer follows it there (roaming); for
+    /// an agent a new UDP source only becomes a candidate (disco decides the path).
+    pub(crate) fn note_authenticated(&mut self, len: usize, origin: Origin, now: Instant) {
         self.rx_bytes += len as u64;
-        self.endpoint.on_authenticated(source);
+        match (origin, self.agent.as_mut()) {
+            (Origin::Udp(source), None) => self.endpoint.on_authenticated(source),
+            (Origin::Udp(source), Some(agent)) => {
+                agent.path.on_authenticated_udp(source, now);
+            }
+            (Origin::Relay(_), _) => self.relay_rx_bytes += len as u64,
+        }
+    }
+
+    /// The direct address packets go to now (None: over the relay, or unknown).
+    pub(crate) fn direct_endpoint(&self, now: Instant, relay_connected: bool) -> Option<SocketAddr> {
+        match &self.agent {
+            Some(agent) => match agent.path.route(now, relay_connected) {
+                Route::Direct(addr) => Some(addr),
+                Route::Relay | Route::Nowhere => None,
+            },
+            None => self.endpoint.current(),
+        }
     }
 }
 
@@ -169,15 +259,31 @@ impl TunnFactory<'_> {
             state: Mutex::new(PeerState {
                 tunn,
                 endpoint: EndpointState::new(config.endpoints.clone()),
+                agent: agent_path(self.private_key, config, now),
                 name: config.name.clone(),
                 keepalive: keepalive_duration(config.persistent_keepalive),
                 rx_bytes: 0,
                 tx_bytes: 0,
+                relay_rx_bytes: 0,
+                relay_tx_bytes: 0,
                 last_sent: now,
                 was_connected: false,
             }),
         })
     }
+}
+
+/// An agent peer's path state and disco key (one X25519 per peer, here); None for a device.
+fn agent_path(private_key: &x25519::StaticSecret, config: &PeerConfig, now: Instant) -> Option<Box<AgentPath>> {
+    if config.kind != NodeKind::Agent {
+        return None;
+    }
+    let shared = private_key.diffie_hellman(&x25519::PublicKey::from(*config.public_key.as_bytes()));
+    Some(Box::new(AgentPath {
+        path: PathState::new(config.endpoints.clone(), now),
+        own_generation: 0,
+        disco: DiscoKey::from_shared_secret(shared.to_bytes()),
+    }))
 }
 
 fn keepalive_duration(seconds: Option<u16>) -> Option<Duration> {
@@ -219,7 +325,7 @@ pub(crate) fn build_table(
     for config in &desired {
         let peer = match old.by_key(&config.public_key) {
             Some(peer) => {
-                if update_in_place(peer, config) {
+                if update_in_place(peer, config, factory.private_key, now) {
                     changes.updated.push(config.public_key);
                 }
                 Arc::clone(peer)
@@ -257,8 +363,17 @@ pub(crate) fn build_table(
 }
 
 /// Applies the mutable parts of a kept peer's config; true if anything changed.
-fn update_in_place(peer: &Peer, config: &PeerConfig) -> bool {
+fn update_in_place(peer: &Peer, config: &PeerConfig, private_key: &x25519::StaticSecret, now: Instant) -> bool {
     let mut state = peer.lock();
+    let is_agent = config.kind == NodeKind::Agent;
+    if state.agent.is_some() != is_agent {
+        state.agent = agent_path(private_key, config, now);
+        state.endpoint = EndpointState::new(config.endpoints.clone());
+        return true;
+    }
+    if let Some(agent) = state.agent.as_mut() {
+        agent.path.set_map_endpoints(config.endpoints.clone(), now);
+    }
     let keepalive = keepalive_duration(config.persistent_keepalive);
     let mut changed = false;
     if state.name != config.name {
@@ -300,6 +415,7 @@ mod tests {
             allowed_ips: allowed.iter().map(|a| a.parse().expect("test net")).collect(),
             endpoints: endpoints.iter().map(|e| e.parse().expect("test endpoint")).collect(),
             persistent_keepalive: None,
+            kind: NodeKind::Device,
         }
     }
 
@@ -373,7 +489,10 @@ mod tests {
         let key_b = PublicKey::from_bytes(*b.public.as_bytes());
         let key_c = PublicKey::from_bytes(*c.public.as_bytes());
         let roamed: SocketAddr = "198.18.9.9:1234".parse().expect("addr");
-        t1.by_key(&key_a).expect("a").lock().note_authenticated(100, roamed);
+        t1.by_key(&key_a)
+            .expect("a")
+            .lock()
+            .note_authenticated(100, Origin::Udp(roamed), Instant::now());
 
         let (t2, changes) = fx.build(
             &t1,

@@ -124,7 +124,12 @@ impl Udp {
     }
 
     /// Sends `contents` (one datagram, or several of `segment_size` bytes each with GSO) to `destination`.
-    async fn send(&self, destination: SocketAddr, contents: &[u8], segment_size: Option<usize>) -> io::Result<()> {
+    pub(crate) async fn send(
+        &self,
+        destination: SocketAddr,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> io::Result<()> {
         let transmit = Transmit {
             destination: self.wire_addr(destination),
             ecn: None,

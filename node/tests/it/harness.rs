@@ -240,6 +240,7 @@ impl DataPlane for FakeEngine {
             listen_port: FAKE_PORT,
             peers: Vec::new(),
             counters: EngineCounters::default(),
+            ..EngineStatus::default()
         }
     }
 
