@@ -15,13 +15,116 @@
 use std::cell::Cell;
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 
 use crate::cmd;
 use crate::env;
 use crate::lab::{Host, Lab};
-use crate::netns::{self, IP_TIMEOUT};
+use crate::netns::{self, IP_TIMEOUT, Netns};
+
+/// What the NAT lab needs from the kernel, tried once per test process in a throwaway namespace: a bridge,
+/// `MASQUERADE --random-fully`, DNAT/SNAT, `-m statistic` and conntrack. `Err` says what failed.
+pub fn kernel_support() -> std::result::Result<(), String> {
+    static SUPPORT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    SUPPORT
+        .get_or_init(|| {
+            let name = format!("mlab-{:x}-kprobe", std::process::id());
+            let ns = Netns::create(&name).map_err(|e| format!("creating a namespace: {e:#}"))?;
+            let ipt = |args: &[&str]| -> std::result::Result<(), String> {
+                cmd::run_ok(ns.command("iptables").args(args), IP_TIMEOUT)
+                    .map(drop)
+                    .map_err(|e| format!("{e:#}"))
+            };
+            ns.ip(&["link", "add", BRIDGE, "type", "bridge"])
+                .map_err(|e| format!("no bridge support: {e:#}"))?;
+            ipt(&[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "lo",
+                "-j",
+                "MASQUERADE",
+                "--random-fully",
+            ])?;
+            ipt(&[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                "198.18.0.1",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                "198.19.0.1",
+            ])?;
+            ipt(&[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                "198.19.0.1",
+                "-j",
+                "SNAT",
+                "--to-source",
+                "198.18.0.1",
+            ])?;
+            ipt(&[
+                "-A",
+                "FORWARD",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                "0.05",
+                "-j",
+                "DROP",
+            ])?;
+            cmd::run_ok(ns.command("conntrack").args(["-L"]), IP_TIMEOUT)
+                .map(drop)
+                .map_err(|e| format!("conntrack -L: {e:#}"))
+        })
+        .clone()
+}
+
+/// [`crate::lab::scenario`] for the NAT lab: when the machine has what the lab needs but the kernel cannot build
+/// the NATs, prints `SKIPPED` with the reason (a failure with `MESHD_LAB_REQUIRED=1`).
+pub fn nat_scenario(name: &str, tools: &[&str], body: impl FnOnce(&Lab) -> Result<()>) {
+    if kernel_ready(name, tools, true) {
+        crate::lab::scenario(name, tools, body);
+    }
+}
+
+/// [`nat_scenario`] for harness checks that need no meshd binaries.
+pub fn nat_harness_scenario(name: &str, tools: &[&str], body: impl FnOnce(&Lab) -> Result<()>) {
+    if kernel_ready(name, tools, false) {
+        crate::lab::harness_scenario(name, tools, body);
+    }
+}
+
+fn kernel_ready(name: &str, tools: &[&str], needs_binaries: bool) -> bool {
+    // Missing tools, root or binaries: the lab's own runner reports those.
+    if !env::missing_prerequisites(tools, needs_binaries).is_empty() {
+        return true;
+    }
+    match kernel_support() {
+        Ok(()) => true,
+        Err(reason) => {
+            let message = format!("lab scenario `{name}`: this kernel cannot set up the NAT lab: {reason}");
+            if env::lab_required() {
+                panic!("{message} ({}=1, so this is a failure)", env::REQUIRED_VAR);
+            }
+            eprintln!("SKIPPED {message}");
+            false
+        }
+    }
+}
 
 /// How the NAT maps the private segment onto its outside address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

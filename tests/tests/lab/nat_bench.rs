@@ -7,12 +7,14 @@
 //!   cargo build -p meshd -p meshd-coordinator
 //!   cargo test -p meshd-lab --test lab -- nat_bench --ignored --nocapture
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use meshd_lab::lab::Lab;
 use meshd_lab::natlab::NatKind;
-use meshd_lab::{Mesh, MeshNode, path, scenario, wait};
+use meshd_lab::natlab::nat_scenario;
+use meshd_lab::{Mesh, MeshNode, path, wait};
 use serde_json::Value;
 
 const SECONDS: &str = "5";
@@ -42,7 +44,7 @@ fn iperf(lab: &Lab, from: &MeshNode, to: &MeshNode) -> Result<f64> {
 #[test]
 #[ignore = "benchmark: run with --ignored"]
 fn nat_bench_relay_vs_direct_throughput() {
-    scenario("nat-bench", &["conntrack", "iperf3"], |lab| {
+    nat_scenario("nat-bench", &["conntrack", "iperf3"], |lab| {
         let coord = lab.add_host("coord")?;
         let kinds = [
             NatKind::EndpointDependent,
@@ -62,7 +64,15 @@ fn nat_bench_relay_vs_direct_throughput() {
         n[0].host.wait_ping(n[1].ip(), Duration::from_secs(20))?;
         n[2].host.wait_ping(n[3].ip(), Duration::from_secs(20))?;
         let (_, relayed) = path::wait_relay(&n[0], &n[1], Duration::from_secs(20))?;
-        let (_, direct) = path::wait_direct(&n[2], &n[3], Duration::from_secs(20))?;
+        let (o3, o4) = (IpAddr::V4(sites[2].outside), IpAddr::V4(sites[3].outside));
+        let via = |p: &path::PeerPath, ip| p.is_direct() && p.endpoint.is_some_and(|e| e.ip() == ip);
+        let (_, direct) = path::wait_pair(
+            "node3 and node4 to go direct through their NATs",
+            &n[2],
+            &n[3],
+            Duration::from_secs(20),
+            |p| via(&p.a_to_b, o4) && via(&p.b_to_a, o3),
+        )?;
         let relay_mbps = iperf(lab, &n[0], &n[1])?;
         let direct_mbps = iperf(lab, &n[2], &n[3])?;
         // The pairs must not have changed path during the runs.

@@ -13,8 +13,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use meshd_lab::lab::{Host, Lab, harness_scenario};
-use meshd_lab::natlab::NatKind;
+use meshd_lab::lab::{Host, Lab};
+use meshd_lab::natlab::{NatKind, nat_harness_scenario};
 use meshd_lab::process::Process;
 use meshd_lab::wait;
 
@@ -89,7 +89,7 @@ fn mapped_port(observed: &Option<String>, expect_ip: Ipv4Addr) -> Result<u16> {
 
 #[test]
 fn nat_kinds_map_filter_block_and_flush_as_designed() {
-    harness_scenario("nat-lab-harness", &["conntrack"], |lab| {
+    nat_harness_scenario("nat-lab-harness", &["conntrack"], |lab| {
         let internet = lab.add_host("stun")?;
         let eim = lab.add_nat_site("eim", NatKind::EndpointIndependent)?;
         let edm = lab.add_nat_site("edm", NatKind::EndpointDependent)?;

@@ -15,15 +15,16 @@
 //! 7. 5% loss on the internet router: hole punching still succeeds and SSH works;
 //! 8. two nodes behind the same NAT: direct over their private addresses, not through the NAT.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use meshd_lab::lab::{Host, Lab};
-use meshd_lab::natlab::{NatKind, NatSite};
+use meshd_lab::natlab::{NatKind, NatSite, nat_scenario};
 use meshd_lab::path::{self, PairPath, PeerPath, PingProbe};
 use meshd_lab::process::Process;
 use meshd_lab::ssh::SshServer;
-use meshd_lab::{Mesh, MeshNode, scenario, wait};
+use meshd_lab::{Mesh, MeshNode, wait};
 
 const SSH_TOOLS: &[&str] = &["conntrack", "sshd", "ssh", "ssh-keygen"];
 /// Scenario 1's bound.
@@ -83,6 +84,20 @@ impl Pair {
             .context("node2 -> node1 over the overlay")
     }
 
+    /// Waits until both agents report a direct path to the other's NAT outside address (a "direct" to a private
+    /// address behind another NAT cannot carry anything); returns the time it took.
+    fn wait_direct(&self, timeout: Duration) -> Result<(Duration, PairPath)> {
+        let (oa, ob) = (IpAddr::V4(self.sites[0].outside), IpAddr::V4(self.sites[1].outside));
+        let via = |p: &PeerPath, ip| p.is_direct() && p.endpoint.is_some_and(|e| e.ip() == ip);
+        path::wait_pair(
+            "node1 and node2 to report a direct path through the NATs",
+            self.a(),
+            self.b(),
+            timeout,
+            |p| via(&p.a_to_b, ob) && via(&p.b_to_a, oa),
+        )
+    }
+
     /// Checks a reported direct path against both NATs (see the module doc).
     fn verify_direct(&self, pair: &PairPath) -> Result<()> {
         let (a, b) = (self.a(), self.b());
@@ -120,7 +135,7 @@ fn verify_direct_side(
     let ok = path.is_direct()
         && path
             .endpoint
-            .is_some_and(|e| e.ip() == std::net::IpAddr::V4(peer_site.outside) && ports.contains(&e.port()));
+            .is_some_and(|e| e.ip() == IpAddr::V4(peer_site.outside) && ports.contains(&e.port()));
     ensure!(
         ok,
         "{who} reports {path}; the peer's NAT maps it to {}:{ports:?}",
@@ -170,13 +185,13 @@ fn traffic(lab: &Lab, from: &Host, to: &MeshNode) -> Result<Process> {
 
 #[test]
 fn nat1_endpoint_independent_both_sides_direct_within_5s() {
-    scenario("nat1-eim-eim", &["conntrack"], |lab| {
+    nat_scenario("nat1-eim-eim", &["conntrack"], |lab| {
         let pair = Pair::start(lab, NatKind::EndpointIndependent, NatKind::EndpointIndependent, |_| {
             Ok(())
         })?;
         // Measured from the moment both agents list each other (Mesh::start_on returns then).
         let _traffic = traffic(lab, &pair.a().host, pair.b())?;
-        let (elapsed, paths) = path::wait_direct(pair.a(), pair.b(), OBSERVE)?;
+        let (elapsed, paths) = pair.wait_direct(OBSERVE)?;
         eprintln!(
             "SCENARIO 1 (EIM + EIM): direct after {:.2} s of both being up ({paths})",
             elapsed.as_secs_f64()
@@ -193,10 +208,10 @@ fn nat1_endpoint_independent_both_sides_direct_within_5s() {
 
 #[test]
 fn nat2_one_to_one_nat_and_endpoint_dependent_go_direct() {
-    scenario("nat2-1to1-edm", &["conntrack"], |lab| {
+    nat_scenario("nat2-1to1-edm", &["conntrack"], |lab| {
         let pair = Pair::start(lab, NatKind::OneToOne, NatKind::EndpointDependent, |_| Ok(()))?;
         let _traffic = traffic(lab, &pair.b().host, pair.a())?;
-        let (elapsed, paths) = path::wait_direct(pair.a(), pair.b(), OBSERVE)?;
+        let (elapsed, paths) = pair.wait_direct(OBSERVE)?;
         eprintln!(
             "SCENARIO 2 (1:1 NAT GPU server + EDM laptop): direct after {:.2} s of both being up ({paths})",
             elapsed.as_secs_f64()
@@ -217,7 +232,7 @@ fn nat2_one_to_one_nat_and_endpoint_dependent_go_direct() {
 
 #[test]
 fn nat3_endpoint_independent_and_dependent_connect_and_say_how() {
-    scenario("nat3-eim-edm", SSH_TOOLS, |lab| {
+    nat_scenario("nat3-eim-edm", SSH_TOOLS, |lab| {
         let pair = Pair::start(
             lab,
             NatKind::EndpointIndependent,
@@ -227,7 +242,7 @@ fn nat3_endpoint_independent_and_dependent_connect_and_say_how() {
         pair.wait_connected(Duration::from_secs(20))?;
         // Give hole punching a fair chance (a burst takes 3 s, relayed pairs re-probe every 10 s) before reading.
         let _traffic = traffic(lab, &pair.a().host, pair.b())?;
-        let settled = path::wait_direct(pair.a(), pair.b(), Duration::from_secs(15));
+        let settled = pair.wait_direct(Duration::from_secs(15));
         let paths = path::pair_path(pair.a(), pair.b())?;
         for (who, p) in [("node1", &paths.a_to_b), ("node2", &paths.b_to_a)] {
             ensure!(
@@ -256,7 +271,7 @@ fn nat3_endpoint_independent_and_dependent_connect_and_say_how() {
 
 #[test]
 fn nat3_both_endpoint_dependent_use_the_relay() {
-    scenario("nat3-edm-edm", SSH_TOOLS, |lab| {
+    nat_scenario("nat3-edm-edm", SSH_TOOLS, |lab| {
         let pair = Pair::start(lab, NatKind::EndpointDependent, NatKind::EndpointDependent, |_| Ok(()))?;
         pair.wait_connected(Duration::from_secs(20))?;
         let (_, paths) = path::wait_relay(pair.a(), pair.b(), Duration::from_secs(10))?;
@@ -273,7 +288,7 @@ fn nat3_both_endpoint_dependent_use_the_relay() {
 
 #[test]
 fn nat4_udp_blocked_uses_the_relay_over_tcp() {
-    scenario("nat4-udp-blocked", SSH_TOOLS, |lab| {
+    nat_scenario("nat4-udp-blocked", SSH_TOOLS, |lab| {
         let pair = Pair::start(
             lab,
             NatKind::EndpointIndependent,
@@ -296,7 +311,7 @@ fn nat4_udp_blocked_uses_the_relay_over_tcp() {
 
 #[test]
 fn nat5_unblocked_udp_upgrades_to_direct_and_the_ssh_session_survives() {
-    scenario("nat5-unblock", SSH_TOOLS, |lab| {
+    nat_scenario("nat5-unblock", SSH_TOOLS, |lab| {
         let pair = Pair::start(
             lab,
             NatKind::EndpointIndependent,
@@ -318,7 +333,7 @@ fn nat5_unblocked_udp_upgrades_to_direct_and_the_ssh_session_survives() {
         wait_ticks(&mut session, 5, Duration::from_secs(20))?;
 
         pair.sites[0].unblock_udp()?;
-        let (elapsed, paths) = path::wait_direct(pair.a(), pair.b(), UPGRADE)?;
+        let (elapsed, paths) = pair.wait_direct(UPGRADE)?;
         eprintln!(
             "SCENARIO 5: direct {:.2} s after UDP was unblocked ({paths})",
             elapsed.as_secs_f64()
@@ -336,12 +351,12 @@ fn nat5_unblocked_udp_upgrades_to_direct_and_the_ssh_session_survives() {
 
 #[test]
 fn nat6_lost_nat_mappings_traffic_resumes_within_10s() {
-    scenario("nat6-conntrack-flush", &["conntrack"], |lab| {
+    nat_scenario("nat6-conntrack-flush", &["conntrack"], |lab| {
         let pair = Pair::start(lab, NatKind::EndpointIndependent, NatKind::EndpointIndependent, |_| {
             Ok(())
         })?;
         let _traffic = traffic(lab, &pair.a().host, pair.b())?;
-        let (_, paths) = path::wait_direct(pair.a(), pair.b(), OBSERVE)?;
+        let (_, paths) = pair.wait_direct(OBSERVE)?;
         eprintln!("SCENARIO 6: before the flush: {paths}");
         // node2 pings node1 every 100 ms; node1's NAT forgets everything: node2's packets reach it before node1
         // sends again, so node1's next mapping usually gets a new port.
@@ -384,12 +399,12 @@ fn nat6_lost_nat_mappings_traffic_resumes_within_10s() {
 
 #[test]
 fn nat7_five_percent_loss_hole_punching_and_ssh_still_work() {
-    scenario("nat7-loss", SSH_TOOLS, |lab| {
+    nat_scenario("nat7-loss", SSH_TOOLS, |lab| {
         let pair = Pair::start(lab, NatKind::EndpointIndependent, NatKind::EndpointIndependent, |_| {
             lab.set_router_loss(5.0)
         })?;
         let _traffic = traffic(lab, &pair.a().host, pair.b())?;
-        let (elapsed, paths) = path::wait_direct(pair.a(), pair.b(), OBSERVE)?;
+        let (elapsed, paths) = pair.wait_direct(OBSERVE)?;
         eprintln!(
             "SCENARIO 7 (5% loss): direct after {:.2} s ({paths})",
             elapsed.as_secs_f64()
@@ -402,7 +417,7 @@ fn nat7_five_percent_loss_hole_punching_and_ssh_still_work() {
 
 #[test]
 fn nat8_same_nat_peers_use_their_private_addresses() {
-    scenario("nat8-same-nat", &["conntrack"], |lab| {
+    nat_scenario("nat8-same-nat", &["conntrack"], |lab| {
         let coord = lab.add_host("coord")?;
         let site = lab.add_nat_site("home", NatKind::EndpointIndependent)?;
         let hosts = vec![site.add_host(lab, "node1")?, site.add_host(lab, "node2")?];
@@ -411,9 +426,8 @@ fn nat8_same_nat_peers_use_their_private_addresses() {
         let (a, b) = (&mesh.nodes[0], &mesh.nodes[1]);
         let _traffic = traffic(lab, &a.host, b)?;
         let accept = |p: &PairPath| {
-            let local = |path: &PeerPath, ip| {
-                path.is_direct() && path.endpoint.is_some_and(|e| e.ip() == std::net::IpAddr::V4(ip))
-            };
+            let local =
+                |path: &PeerPath, ip| path.is_direct() && path.endpoint.is_some_and(|e| e.ip() == IpAddr::V4(ip));
             local(&p.a_to_b, b_private) && local(&p.b_to_a, a_private)
         };
         let (elapsed, paths) = path::wait_pair("both to go direct over the LAN", a, b, OBSERVE, accept)?;
