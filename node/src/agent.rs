@@ -58,6 +58,18 @@ impl DataPlane for Engine {
     fn listen_port(&self) -> u16 {
         Engine::listen_port(self)
     }
+    fn relay_channels(&self) -> Option<(mpsc::Receiver<RelayDatagram>, mpsc::Sender<RelayDatagram>)> {
+        Some((self.take_relay_outbound()?, self.relay_inbound()))
+    }
+    fn set_relay_connected(&self, connected: bool) {
+        Engine::set_relay_connected(self, connected)
+    }
+    fn stun(&self, server: SocketAddr, timeout: Duration) -> StunFuture<'_> {
+        Box::pin(async move { Engine::stun(self, server, timeout).await.map_err(|e| e.to_string()) })
+    }
+    fn set_own_endpoints(&self, endpoints: Vec<SocketAddr>) {
+        Engine::set_own_endpoints(self, endpoints)
+    }
 }
 
 /// Where the agent is in its life.

@@ -1,18 +1,19 @@
 //! Runs each subcommand and presents the result: readable tables for people, `--json` and exit statuses for scripts.
 //!
 //! Exit statuses: 0 success; 1 failure (the message on stderr says what to do); 2 bad command line (clap);
-//! 3 the agent is not running (`status`, `ping`); 4 this node is not joined, or was removed by an admin (restarting
+//! 3 the agent is not running (`status`, `ping`; `netcheck` then runs a standalone check instead and says so); 4 this node is not joined, or was removed by an admin (restarting
 //! `meshd up` will not help: systemd's unit does not restart on it). Logs and errors go to stderr, results to stdout.
 
 use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{Context, anyhow};
 use meshd_protocol::PublicKey;
 
-use crate::config::{Cli, Command, LeaveArgs, PingArgs, StatusArgs};
+use crate::config::{Cli, Command, LeaveArgs, NetcheckArgs, PingArgs, StatusArgs};
 use crate::control::{ControlClient, ControlError};
 use crate::ctl::{CtlClient, CtlError, Reply, Request, StatusReport};
 use crate::daemon::{self, DaemonError};
+use crate::netcheck::{self, CheckSource, NetcheckReport};
 use crate::state::{StateDir, StateError};
 
 /// A failed subcommand: what to print and which exit status to use.
@@ -59,6 +60,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Up(args) => Ok(daemon::up(state, args.run).await?),
         Command::Status(args) => status(&state, &args).await,
         Command::Ping(args) => ping(&state, &args).await,
+        Command::Netcheck(args) => netcheck(&state, &args).await,
         Command::Down => down(&state).await,
         Command::Leave(args) => leave(&state, &args).await,
     }
@@ -96,7 +98,7 @@ pub fn status_table(report: &StatusReport) -> String {
         out.push_str("no peers yet\n");
         return out;
     }
-    let rows: Vec<[String; 8]> = report
+    let rows: Vec<[String; 7]> = report
         .peers
         .iter()
         .map(|p| {
@@ -104,8 +106,7 @@ pub fn status_table(report: &StatusReport) -> String {
                 p.name.clone(),
                 p.ip.to_string(),
                 short_key(&p.public_key),
-                p.endpoint.clone().unwrap_or_else(|| "-".into()),
-                p.path.clone(),
+                path_cell(p),
                 p.last_handshake
                     .map_or_else(|| "never".into(), |s| format!("{}s ago", s)),
                 human_bytes(p.rx_bytes),
@@ -113,7 +114,7 @@ pub fn status_table(report: &StatusReport) -> String {
             ]
         })
         .collect();
-    let header = ["NAME", "IP", "KEY", "ENDPOINT", "PATH", "HANDSHAKE", "RX", "TX"].map(String::from);
+    let header = ["NAME", "IP", "KEY", "PATH", "HANDSHAKE", "RX", "TX"].map(String::from);
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -125,7 +126,73 @@ pub fn status_table(report: &StatusReport) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    out.push_str(&totals_line(report));
     out
+}
+
+/// `direct 198.18.1.2:51820 (0.4 ms)`, `relay`, or the engine's word for no path.
+fn path_cell(peer: &crate::ctl::PeerReport) -> String {
+    match (peer.path.as_str(), &peer.endpoint) {
+        ("direct", Some(endpoint)) => match peer.latency_ms {
+            Some(ms) => format!("direct {endpoint} ({ms:.1} ms)"),
+            None => format!("direct {endpoint}"),
+        },
+        (path, _) => path.to_string(),
+    }
+}
+
+/// `2 peers: 1 direct, 1 relayed (3.2 KiB through the relay); relay connected (12.0 ms)`.
+fn totals_line(report: &StatusReport) -> String {
+    let totals = &report.self_node.totals;
+    let relay = match &report.self_node.relay {
+        Some(r) if r.connected => match r.latency_ms {
+            Some(ms) => format!("relay connected ({ms:.1} ms)"),
+            None => "relay connected".to_string(),
+        },
+        Some(_) => "relay not connected".to_string(),
+        None => "relay unknown".to_string(),
+    };
+    format!(
+        "{} peers: {} direct, {} relayed ({} through the relay); {relay}\n",
+        report.peers.len(),
+        totals.direct_peers,
+        totals.relayed_peers,
+        human_bytes(totals.relayed_bytes),
+    )
+}
+
+async fn netcheck(state: &StateDir, args: &NetcheckArgs) -> Result<(), Failure> {
+    let report = match CtlClient::new(state).netcheck().await {
+        Ok(report) => report,
+        Err(CtlError::NotRunning { .. }) => standalone_netcheck(state).await?,
+        Err(e) => return Err(e.into()),
+    };
+    if args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| anyhow!("encoding netcheck: {e}"))?;
+        println!("{json}");
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}
+
+/// No agent runs: STUN from a fresh UDP socket to the coordinator of the saved identity.
+async fn standalone_netcheck(state: &StateDir) -> Result<NetcheckReport, Failure> {
+    let (identity, _) = state.load_identity().map_err(DaemonError::from)?;
+    let pin = identity.pinned().map_err(DaemonError::from)?;
+    let client = ControlClient::new(&identity.coordinator_url, pin).map_err(DaemonError::from)?;
+    let mut notes = Vec::new();
+    let servers = match netcheck::stun_servers(&client).await {
+        Ok(servers) => servers,
+        Err(e) => {
+            notes.push(format!("no STUN check: {e}"));
+            Vec::new()
+        }
+    };
+    let probes = netcheck::standalone_probes(&servers, netcheck::STUN_TIMEOUT)
+        .await
+        .context("opening a UDP socket for the check (is this machine's network up?)")?;
+    Ok(NetcheckReport::new(CheckSource::Standalone, probes, None, notes))
 }
 
 fn short_key(key: &str) -> String {
@@ -166,12 +233,7 @@ async fn ping(state: &StateDir, args: &PingArgs) -> Result<(), Failure> {
                     peer = format!("{name} ({ip})");
                 }
                 Reply::PingReply(r) => match r.rtt_ms {
-                    Some(ms) => println!(
-                        "reply from {peer}: seq={} time={ms:.2} ms via {} {}",
-                        r.seq,
-                        r.path,
-                        r.endpoint.as_deref().unwrap_or("(endpoint unknown)")
-                    ),
+                    Some(ms) => println!("reply from {peer}: seq={} time={ms:.2} ms via {}", r.seq, via(&r)),
                     None => println!("no reply from {peer}: seq={} timeout", r.seq),
                 },
                 Reply::PingDone(s) => {
@@ -187,6 +249,14 @@ async fn ping(state: &StateDir, args: &PingArgs) -> Result<(), Failure> {
         Some(s) if s.received > 0 => Ok(()),
         Some(_) => Err(anyhow!("no reply from {}", args.target).into()),
         None => Err(anyhow!("the agent ended the ping early").into()),
+    }
+}
+
+/// `direct 198.18.1.2:51820` or `relay`: the path the peer was on when the reply arrived.
+fn via(reply: &crate::ctl::PingReply) -> String {
+    match (reply.path.as_str(), &reply.endpoint) {
+        ("direct", Some(endpoint)) => format!("direct {endpoint}"),
+        (path, _) => path.to_string(),
     }
 }
 
@@ -270,32 +340,78 @@ mod tests {
                 map_version: Some(7),
                 tags: vec![],
                 counters: serde_json::json!({}),
+                relay: Some(crate::relay::RelaySnapshot {
+                    connected: true,
+                    latency_ms: Some(12.0),
+                    last_error: None,
+                    dropped_inbound: 0,
+                }),
+                endpoints: vec!["198.18.1.2:51820".into()],
+                totals: crate::ctl::PathTotals {
+                    direct_peers: 1,
+                    relayed_peers: 1,
+                    relayed_bytes: 3 * 1024,
+                },
             },
-            peers: vec![PeerReport {
-                name: "gpu".into(),
-                ip: "10.77.0.3".parse().expect("ip"),
-                public_key: key,
-                endpoint: Some("198.18.2.2:51820".into()),
-                path: "direct".into(),
-                last_handshake: Some(12),
-                rx_bytes: 2048,
-                tx_bytes: 0,
-                online: true,
-                id: 3,
-            }],
+            peers: vec![
+                PeerReport {
+                    name: "gpu".into(),
+                    ip: "10.77.0.3".parse().expect("ip"),
+                    public_key: key.clone(),
+                    endpoint: Some("198.18.2.2:51820".into()),
+                    path: "direct".into(),
+                    latency_ms: Some(0.42),
+                    relay_rx_bytes: 0,
+                    relay_tx_bytes: 0,
+                    last_handshake: Some(12),
+                    rx_bytes: 2048,
+                    tx_bytes: 0,
+                    online: true,
+                    id: 3,
+                },
+                PeerReport {
+                    name: "laptop2".into(),
+                    ip: "10.77.0.4".parse().expect("ip"),
+                    public_key: key,
+                    endpoint: Some("198.18.3.3:51820".into()),
+                    path: "relay".into(),
+                    latency_ms: None,
+                    relay_rx_bytes: 1024,
+                    relay_tx_bytes: 2048,
+                    last_handshake: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    online: true,
+                    id: 4,
+                },
+            ],
         };
         let table = status_table(&report);
         assert!(table.starts_with("laptop 10.77.0.2 pk:"), "{table}");
         assert!(table.contains("degraded") && table.contains("map v7"), "{table}");
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 5, "{table}");
         assert!(
             lines[2].contains("gpu") && lines[2].contains("12s ago") && lines[2].contains("2.0 KiB"),
+            "{table}"
+        );
+        assert!(lines[2].contains("direct 198.18.2.2:51820 (0.4 ms)"), "{table}");
+        assert!(lines[3].contains("laptop2") && lines[3].contains("relay"), "{table}");
+        assert!(
+            !lines[3].contains("198.18.3.3"),
+            "a relayed peer shows no direct endpoint: {table}"
+        );
+        assert_eq!(
+            lines[4], "2 peers: 1 direct, 1 relayed (3.0 KiB through the relay); relay connected (12.0 ms)",
             "{table}"
         );
         let json = serde_json::to_value(&report).expect("json");
         assert_eq!(json["self"]["name"], "laptop");
         assert_eq!(json["peers"][0]["last_handshake"], 12);
+        assert_eq!(json["peers"][0]["path"], "direct");
+        assert_eq!(json["peers"][0]["latency_ms"], 0.42);
+        assert_eq!(json["peers"][1]["path"], "relay");
+        assert_eq!(json["self"]["totals"]["relayed_peers"], 1);
         assert_eq!(json.as_object().expect("object").len(), 2, "exactly self and peers");
     }
 }

@@ -37,6 +37,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Measure the round trip to a peer over the overlay and show which path it took.
     Ping(PingArgs),
+    /// Check what the network allows: UDP to the coordinator, the NAT-mapped address and mapping, the relay.
+    Netcheck(NetcheckArgs),
     /// Stop the running agent (removes the interface; the node stays a member of the network).
     Down,
     /// Remove this node from the network: tell the coordinator, stop the agent, delete identity, key and cache.
@@ -81,6 +83,13 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Print one JSON object (`self` and `peers`) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NetcheckArgs {
+    /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
 }

@@ -2,7 +2,8 @@
 //!
 //! Owns: `join` (preflight, generate the key, enrol, save the identity) and `up` (load it), taking the state
 //! directory's lock and control socket, starting the data plane and applying the cached map before anything else
-//! (so the mesh works while the coordinator is down), then running the [`ControlLoop`] and the control socket until
+//! (so the mesh works while the coordinator is down), then running the [`ControlLoop`], the relay client
+//! ([`RelayClient`]) and the control socket until
 //! a signal, `meshd down` or removal by an admin, and shutting down cleanly (the engine removes the TUN device).
 //! Knows nothing of packets.
 
@@ -19,6 +20,7 @@ use crate::ctl;
 use crate::engine::{Engine, EngineConfig, EngineError};
 pub use crate::follow::{ControlLoop, StopReason};
 use crate::keys::{KeyFileError, NodeKey};
+use crate::relay::RelayClient;
 use crate::state::{Identity, StateDir, StateError};
 
 /// Why the agent could not run; each says what to do next. `exit_code` maps them for scripts and systemd.
@@ -190,6 +192,7 @@ async fn run(state: StateDir, args: RunArgs, lock: ctl::StateLock) -> Result<(),
         });
     }
     let client = ControlClient::new(&identity.coordinator_url, identity.pinned()?)?;
+    let relay_client = ControlClient::for_relay(&identity.coordinator_url, identity.pinned()?)?;
     let cache = MapCache::new(state.cache_path());
     let cached = match cache.load() {
         Ok(Some(map)) if map.self_node.id == identity.node_id => Some(map),
@@ -239,6 +242,17 @@ async fn run(state: StateDir, args: RunArgs, lock: ctl::StateLock) -> Result<(),
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
     let ctl_server = tokio::spawn(ctl::serve(listener, agent.clone(), shutdown.clone()));
+    // The relay runs for as long as the agent does; the coordinator being away only means "no relay".
+    let relay = tokio::spawn(
+        RelayClient {
+            client: relay_client,
+            credential: credential.clone(),
+            own_key: agent.identity.public_key,
+            dataplane: agent.dataplane.clone(),
+            status: agent.relay.clone(),
+        }
+        .run(shutdown.clone()),
+    );
     let reason = ControlLoop {
         agent: agent.clone(),
         client,
@@ -249,6 +263,9 @@ async fn run(state: StateDir, args: RunArgs, lock: ctl::StateLock) -> Result<(),
     .await;
     shutdown.cancel();
     signals.abort();
+    if let Err(e) = relay.await {
+        tracing::warn!("relay task failed: {e}");
+    }
     let listener = match ctl_server.await {
         Ok(listener) => Some(listener),
         Err(e) => {

@@ -1,4 +1,5 @@
-//! Discovery of this host's candidate UDP endpoints: its IPv4 interface addresses with the WireGuard listen port.
+//! Discovery of this host's candidate UDP endpoints: its IPv4 interface addresses with the WireGuard listen port,
+//! plus the STUN-mapped address ([`merge_endpoints`]).
 //!
 //! Owns the policy of which local addresses peers should try: every IPv4 address of an interface that is up,
 //! except loopback, link-local, the mesh TUN itself and anything inside the overlay network (a peer reaching us
@@ -41,6 +42,20 @@ pub fn candidate_endpoints(
         .collect();
     endpoints.sort();
     endpoints.dedup();
+    endpoints.truncate(MAX_ENDPOINTS);
+    endpoints
+}
+
+/// The endpoint set to report and to hand the data plane: the STUN-mapped address (what peers outside our NAT can
+/// reach) first, then the local candidates; deduplicated, at most [`MAX_ENDPOINTS`] (the mapped one always kept).
+/// Stable order, so an unchanged set compares equal and is not reported again.
+pub fn merge_endpoints(local: &[SocketAddr], mapped: Option<SocketAddr>) -> Vec<SocketAddr> {
+    let mut endpoints: Vec<SocketAddr> = mapped.into_iter().collect();
+    for endpoint in local {
+        if !endpoints.contains(endpoint) {
+            endpoints.push(*endpoint);
+        }
+    }
     endpoints.truncate(MAX_ENDPOINTS);
     endpoints
 }
@@ -94,6 +109,21 @@ mod tests {
             "198.18.1.2:51820".parse().expect("addr"),
         ];
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn mapped_address_comes_first_and_survives_truncation() {
+        let local: Vec<SocketAddr> = (0..20u8).map(|i| SocketAddr::from(([192, 168, 1, i], 51820))).collect();
+        let mapped: SocketAddr = "198.18.5.5:40000".parse().expect("addr");
+        let merged = merge_endpoints(&local, Some(mapped));
+        assert_eq!(merged.len(), MAX_ENDPOINTS);
+        assert_eq!(merged[0], mapped);
+        assert_eq!(merged[1..], local[..MAX_ENDPOINTS - 1]);
+        // A mapped address equal to a local one (no NAT) is listed once.
+        let merged = merge_endpoints(&local[..2], Some(local[1]));
+        assert_eq!(merged, vec![local[1], local[0]]);
+        assert_eq!(merge_endpoints(&local[..2], None), local[..2]);
+        assert!(merge_endpoints(&[], None).is_empty());
     }
 
     #[test]

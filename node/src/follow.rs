@@ -3,8 +3,9 @@
 //! Owns the [`ControlLoop`]: open the map stream resuming from the last applied version, apply each message through
 //! [`AgentState::apply`], persist the map to the cache, reconnect with [`Backoff`] when the coordinator goes away
 //! (the agent is then `degraded` and the mesh keeps running from the last map), and stop with
-//! [`StopReason::Removed`] when the coordinator no longer accepts this node's credential. Endpoint reports run
-//! beside it. Talks to the data plane only through [`crate::agent::DataPlane`], so tests run it against the real
+//! [`StopReason::Removed`] when the coordinator no longer accepts this node's credential. Endpoint discovery runs
+//! beside it: local candidates plus the STUN-mapped address (STUN through the data plane's WireGuard socket), handed
+//! to the data plane and reported whenever the set changes. Talks to the data plane only through [`crate::agent::DataPlane`], so tests run it against the real
 //! coordinator with a fake engine.
 
 use std::net::SocketAddr;
@@ -12,12 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshd_protocol::api::EndpointReport;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentState, Phase};
 use crate::cache::MapCache;
 use crate::control::{Backoff, ControlClient, ControlError};
-use crate::endpoints;
+use crate::{endpoints, netcheck};
 
 /// A streak of failed reconnects is logged on its first attempt and then every this many attempts (about every
 /// five minutes once the backoff is at its cap).
@@ -25,6 +27,10 @@ const FAILURE_LOG_EVERY: u32 = 10;
 
 /// How often local addresses are checked for changes (and a failed report retried).
 const ENDPOINT_POLL_INTERVAL: Duration = Duration::from_secs(10);
+/// STUN again after this long plus up to [`STUN_JITTER`] (keeps the mapped address fresh; NAT mappings of the
+/// WireGuard socket are kept open by WireGuard and disco traffic, not by STUN).
+const STUN_INTERVAL: Duration = Duration::from_secs(20);
+const STUN_JITTER: Duration = Duration::from_secs(5);
 
 /// Why the control loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,7 +150,9 @@ impl ControlLoop {
     }
 }
 
-/// Reports this host's endpoints at start and whenever they change; retries a failed report on the next poll.
+/// Reports this host's endpoints (local candidates + the STUN-mapped address) at start and whenever the set
+/// changes, and hands the same set to the data plane; retries a failed report on the next poll. STUN runs every
+/// [`STUN_INTERVAL`] (plus jitter) and at once when the local addresses change (a network change).
 async fn report_endpoints(
     agent: Arc<AgentState>,
     client: ControlClient,
@@ -153,12 +161,16 @@ async fn report_endpoints(
     removed: CancellationToken,
 ) {
     let mut reported: Option<Vec<SocketAddr>> = None;
+    let mut local_seen: Option<Vec<SocketAddr>> = None;
+    let mut stun = StunState::default();
+    let mut next_stun = Instant::now();
     let mut ticker = tokio::time::interval(ENDPOINT_POLL_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+            () = tokio::time::sleep_until(next_stun) => {}
         }
         let addresses = match endpoints::local_addresses() {
             Ok(addresses) => addresses,
@@ -168,7 +180,22 @@ async fn report_endpoints(
             }
         };
         let port = agent.dataplane.listen_port();
-        let current = endpoints::candidate_endpoints(&addresses, &agent.interface, agent.identity.network, port);
+        let local = endpoints::candidate_endpoints(&addresses, &agent.interface, agent.identity.network, port);
+        let local_changed = local_seen.as_ref() != Some(&local);
+        if local_changed || Instant::now() >= next_stun {
+            if local_changed && local_seen.is_some() {
+                tracing::info!(endpoints = ?local, "local addresses changed; asking STUN again");
+            }
+            stun.round(&agent, &client).await;
+            next_stun = Instant::now() + STUN_INTERVAL + STUN_JITTER.mul_f64(rand::random::<f64>());
+            local_seen = Some(local.clone());
+        }
+        let current = endpoints::merge_endpoints(&local, stun.mapped);
+        if agent.discovery.get().endpoints != current {
+            tracing::debug!(endpoints = ?current, "own endpoints");
+            agent.dataplane.set_own_endpoints(current.clone());
+            agent.discovery.update(|d| d.endpoints = current.clone());
+        }
         if reported.as_ref() == Some(&current) {
             continue;
         }
@@ -189,5 +216,64 @@ async fn report_endpoints(
                 reported = None;
             }
         }
+    }
+}
+
+/// The STUN side of endpoint discovery: the coordinator's STUN servers (asked for again after a round without any
+/// answer) and the last mapped address.
+#[derive(Debug, Default)]
+struct StunState {
+    servers: Option<Vec<SocketAddr>>,
+    mapped: Option<SocketAddr>,
+}
+
+impl StunState {
+    /// Probes every STUN server through the data plane's WireGuard socket (the mapping peers will see).
+    async fn round(&mut self, agent: &AgentState, client: &ControlClient) {
+        if self.servers.is_none() {
+            match netcheck::stun_servers(client).await {
+                Ok(servers) => {
+                    tracing::debug!(?servers, "STUN servers");
+                    agent.discovery.update(|d| {
+                        d.servers = servers.clone();
+                        d.note = None;
+                    });
+                    self.servers = Some(servers);
+                }
+                Err(netcheck::ServersError::StunOff) => {
+                    agent
+                        .discovery
+                        .update(|d| d.note = Some(netcheck::ServersError::StunOff.to_string()));
+                    self.servers = Some(Vec::new());
+                }
+                Err(e) => {
+                    // The coordinator is away: keep the last mapped address (it is likelier right than nothing).
+                    tracing::debug!("cannot learn the STUN servers: {e}");
+                    agent.discovery.update(|d| d.note = Some(e.to_string()));
+                    return;
+                }
+            }
+        }
+        let servers = self.servers.clone().unwrap_or_default();
+        if servers.is_empty() {
+            self.mapped = None;
+            return;
+        }
+        let probes = netcheck::probe_all(&servers, |server| agent.dataplane.stun(server, netcheck::STUN_TIMEOUT)).await;
+        let mapped = probes.iter().find_map(|p| p.mapped);
+        if mapped != self.mapped {
+            match mapped {
+                Some(address) => {
+                    tracing::info!(%address, mapping = %netcheck::classify(&probes), "STUN-mapped address")
+                }
+                None => tracing::info!("no STUN answer: UDP to the coordinator may be blocked (the relay still works)"),
+            }
+        }
+        if mapped.is_none() {
+            // Ask for the servers again next round: the coordinator's STUN configuration may have changed.
+            self.servers = None;
+        }
+        self.mapped = mapped;
+        agent.discovery.update(|d| d.probes = probes);
     }
 }

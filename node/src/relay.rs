@@ -416,6 +416,107 @@ mod tests {
         assert_eq!(pings.answered([2; 8]), None, "answered once");
     }
 
+    /// Reads the next frame off the fake server's end (type and owned payload).
+    async fn next_frame(server: &mut (impl AsyncRead + Unpin)) -> (u8, Vec<u8>) {
+        let mut payload = Vec::new();
+        let kind = tokio::time::timeout(Duration::from_secs(5), read_frame(server, &mut payload))
+            .await
+            .expect("a frame in time")
+            .expect("a frame");
+        (kind, payload)
+    }
+
+    #[tokio::test]
+    async fn session_moves_datagrams_both_ways_answers_pings_and_measures_rtt() {
+        let (client_end, mut server) = tokio::io::duplex(256 * 1024);
+        let status = RelayStatus::default();
+        let (inbound_tx, mut inbound_rx) = mpsc::channel(16);
+        let (outbound_tx, mut outbound_rx) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        let peer = PublicKey::from_bytes([7; 32]);
+
+        let session = async {
+            Session::new(&status, &inbound_tx)
+                .run(client_end, &mut outbound_rx, &shutdown)
+                .await
+        };
+        let script = async {
+            // The client pings at once; answer it so that an RTT is recorded.
+            let (kind, payload) = next_frame(&mut server).await;
+            let RelayFrame::Ping { data } = RelayFrame::decode(kind, &payload).expect("decode") else {
+                panic!("expected the first ping, got type {kind}");
+            };
+            let mut out = Vec::new();
+            RelayFrame::Pong { data }.encode(&mut out);
+            // A server ping and a datagram for us, in one write.
+            RelayFrame::Ping { data: [9; 8] }.encode(&mut out);
+            RelayFrame::Recv {
+                src: peer,
+                datagram: b"from the peer",
+            }
+            .encode(&mut out);
+            server.write_all(&out).await.expect("write");
+
+            let (kind, payload) = next_frame(&mut server).await;
+            assert_eq!(
+                RelayFrame::decode(kind, &payload).expect("decode"),
+                RelayFrame::Pong { data: [9; 8] }
+            );
+            let received = tokio::time::timeout(Duration::from_secs(5), inbound_rx.recv())
+                .await
+                .expect("in time")
+                .expect("datagram");
+            assert_eq!(received.peer, peer);
+            assert_eq!(&received.datagram[..], b"from the peer");
+
+            // Datagrams from the engine leave as Send frames, in order.
+            for i in 0..3u8 {
+                outbound_tx
+                    .send(RelayDatagram {
+                        peer,
+                        datagram: Bytes::from(vec![i; 100]),
+                    })
+                    .await
+                    .expect("send");
+            }
+            for i in 0..3u8 {
+                let (kind, payload) = next_frame(&mut server).await;
+                match RelayFrame::decode(kind, &payload).expect("decode") {
+                    RelayFrame::Send { dst, datagram } => {
+                        assert_eq!(dst, peer);
+                        assert_eq!(datagram, &[i; 100][..]);
+                    }
+                    other => panic!("expected Send, got {other:?}"),
+                }
+            }
+            assert!(status.snapshot().latency_ms.is_some(), "the pong was timed");
+            shutdown.cancel();
+        };
+        let (result, ()) = tokio::join!(session, script);
+        assert!(result.is_ok(), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn session_ends_on_an_oversized_frame_or_a_closed_stream() {
+        let (client_end, mut server) = tokio::io::duplex(1024);
+        let status = RelayStatus::default();
+        let (inbound_tx, _inbound_rx) = mpsc::channel(4);
+        let (_outbound_tx, mut outbound_rx) = mpsc::channel(4);
+        let shutdown = CancellationToken::new();
+        server.write_all(&[0x03, 0xff, 0xff, 0xff, 0xff]).await.expect("write");
+        let result = Session::new(&status, &inbound_tx)
+            .run(client_end, &mut outbound_rx, &shutdown)
+            .await;
+        assert!(matches!(result, Err(RelayError::Frame(_))), "{result:?}");
+
+        let (client_end, server) = tokio::io::duplex(1024);
+        drop(server);
+        let result = Session::new(&status, &inbound_tx)
+            .run(client_end, &mut outbound_rx, &shutdown)
+            .await;
+        assert!(result.is_err(), "a closed stream ends the session: {result:?}");
+    }
+
     #[test]
     fn status_snapshot_reports_latency_only_once_measured() {
         let status = RelayStatus::default();

@@ -11,10 +11,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::{CtlError, Reply, Request, StatusReport, io_err};
+use crate::netcheck::NetcheckReport;
 use crate::state::StateDir;
 
 /// How long a client waits for the agent's answer to `status` and `down`.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `meshd netcheck` waits: a call to the coordinator (15 s at most) and the STUN probes (3 s).
+const NETCHECK_TIMEOUT: Duration = Duration::from_secs(25);
 /// How long `meshd down` waits for the agent to finish shutting down.
 const DOWN_WAIT: Duration = Duration::from_secs(20);
 
@@ -90,6 +93,20 @@ impl CtlClient {
         })
         .await?;
         report.ok_or_else(|| CtlError::Protocol("no status in the answer".into()))
+    }
+
+    /// `meshd netcheck` through the agent.
+    pub async fn netcheck(&self) -> Result<NetcheckReport, CtlError> {
+        let mut report = None;
+        self.call(&Request::Netcheck, NETCHECK_TIMEOUT, |reply| match reply {
+            Reply::Netcheck(r) => {
+                report = Some(r);
+                Ok(())
+            }
+            other => Err(CtlError::Protocol(format!("{other:?}"))),
+        })
+        .await?;
+        report.ok_or_else(|| CtlError::Protocol("no netcheck in the answer".into()))
     }
 
     /// Asks the agent to stop and waits until it has (its socket stops answering). `Ok(false)`: it was not running.

@@ -1,4 +1,5 @@
-//! The local control socket `<state-dir>/meshd.sock`: how `meshd status`, `ping` and `down` talk to the running agent.
+//! The local control socket `<state-dir>/meshd.sock`: how `meshd status`, `ping`, `netcheck` and `down` talk to the
+//! running agent.
 //!
 //! Owns the socket's life (single instance per state directory through `meshd.lock`, stale socket cleanup, mode 0600
 //! for root or 0660 for `--control-group`), its line protocol (one JSON request per connection, one or more JSON
@@ -23,6 +24,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::Phase;
+use crate::netcheck::NetcheckReport;
+use crate::relay::RelaySnapshot;
 
 pub use client::CtlClient;
 pub use server::{serve, status_report};
@@ -63,6 +66,8 @@ pub enum Request {
         timeout_secs: u16,
     },
     Down,
+    /// `meshd netcheck`: STUN through the agent's WireGuard socket, and the relay's state.
+    Netcheck,
 }
 
 /// A reply line.
@@ -78,6 +83,7 @@ pub enum Reply {
     PingReply(PingReply),
     PingDone(PingSummary),
     Stopping,
+    Netcheck(NetcheckReport),
     Error(String),
 }
 
@@ -106,6 +112,23 @@ pub struct SelfStatus {
     pub tags: Vec<String>,
     /// The engine's drop counters (malformed datagrams, spoofed sources, ...), as the engine names them.
     pub counters: serde_json::Value,
+    /// The relay connection (null from an older agent).
+    #[serde(default)]
+    pub relay: Option<RelaySnapshot>,
+    /// This node's own endpoints as last reported (local candidates and the STUN-mapped address).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub totals: PathTotals,
+}
+
+/// How the peers are reached, summed over all peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathTotals {
+    pub direct_peers: usize,
+    pub relayed_peers: usize,
+    /// Bytes sent and received through the relay, all peers.
+    pub relayed_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,7 +138,15 @@ pub struct PeerReport {
     pub public_key: String,
     /// Where packets go now (learned or reported); null if unknown.
     pub endpoint: Option<String>,
+    /// `direct`, `relay` or `none` (the engine's path for this peer).
     pub path: String,
+    /// Round trip of the last probe answered on the direct path (the engine's last pong); null if none.
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
+    #[serde(default)]
+    pub relay_rx_bytes: u64,
+    #[serde(default)]
+    pub relay_tx_bytes: u64,
     /// Seconds since the last completed handshake; null if never.
     pub last_handshake: Option<u64>,
     pub rx_bytes: u64,

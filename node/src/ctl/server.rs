@@ -1,8 +1,9 @@
-//! The agent side of the control socket: answers status, ping and down.
+//! The agent side of the control socket: answers status, ping, netcheck and down.
 //!
 //! Status merges the map (names and addresses: the coordinator's truth) with the engine's live view (endpoints,
 //! handshakes, counters). Ping resolves a peer by name or overlay address in the map and sends ICMP echoes over the
-//! overlay from the agent ([`crate::ping`]). Down cancels the agent's shutdown token. Connections still open at
+//! overlay from the agent ([`crate::ping`]); each reply names the path the engine had for the peer when it arrived.
+//! Netcheck probes STUN through the data plane ([`crate::netcheck`]). Down cancels the agent's shutdown token. Connections still open at
 //! shutdown are aborted.
 
 use std::io;
@@ -15,8 +16,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{PeerReport, PingReply, PingSummary, Reply, Request, SelfStatus, StatusReport};
+use super::{PathTotals, PeerReport, PingReply, PingSummary, Reply, Request, SelfStatus, StatusReport};
 use crate::agent::AgentState;
+use crate::control::ControlClient;
+use crate::engine::PeerStatus;
+use crate::netcheck::{self, CheckSource, NetcheckReport};
 use crate::ping::Pinger;
 
 /// Longest request line accepted (requests are tiny; this bounds what a confused client can make us buffer).
@@ -75,6 +79,7 @@ async fn handle(stream: UnixStream, agent: Arc<AgentState>, shutdown: Cancellati
     tracing::debug!(?request, "control request");
     let result = match request {
         Request::Status => send(&mut write, &Reply::Status(status_report(&agent))).await,
+        Request::Netcheck => send(&mut write, &Reply::Netcheck(netcheck(&agent).await)).await,
         Request::Down => {
             tracing::info!("stop requested over the control socket");
             let sent = send(&mut write, &Reply::Stopping).await;
@@ -113,13 +118,14 @@ pub fn status_report(agent: &AgentState) -> StatusReport {
     let engine = agent.dataplane.status();
     let map = agent.map();
     let identity = &agent.identity;
-    let peers = map
+    let peers: Vec<PeerReport> = map
         .as_ref()
         .map(|map| {
             map.peers
                 .iter()
                 .map(|peer| {
                     let live = engine.peers.iter().find(|p| p.public_key == peer.public_key);
+                    let (latency_ms, relay_rx_bytes, relay_tx_bytes) = live.map_or((None, 0, 0), path_figures);
                     PeerReport {
                         name: peer.name.clone(),
                         ip: peer.ip,
@@ -128,7 +134,10 @@ pub fn status_report(agent: &AgentState) -> StatusReport {
                             .and_then(|p| p.endpoint)
                             .or_else(|| peer.endpoints.first().copied())
                             .map(|e| e.to_string()),
-                        path: live.map_or("direct", |p| p.path).to_string(),
+                        path: live.map_or("none", |p| p.path).to_string(),
+                        latency_ms,
+                        relay_rx_bytes,
+                        relay_tx_bytes,
                         last_handshake: live.and_then(|p| p.last_handshake).map(|d| d.as_secs()),
                         rx_bytes: live.map_or(0, |p| p.rx_bytes),
                         tx_bytes: live.map_or(0, |p| p.tx_bytes),
@@ -140,6 +149,11 @@ pub fn status_report(agent: &AgentState) -> StatusReport {
         })
         .unwrap_or_default();
     let self_node = map.as_ref().map(|m| &m.self_node);
+    let totals = PathTotals {
+        direct_peers: peers.iter().filter(|p| p.path == "direct").count(),
+        relayed_peers: peers.iter().filter(|p| p.path == "relay").count(),
+        relayed_bytes: peers.iter().map(|p| p.relay_rx_bytes + p.relay_tx_bytes).sum(),
+    };
     StatusReport {
         self_node: SelfStatus {
             name: self_node.map_or_else(|| identity.name.clone(), |n| n.name.clone()),
@@ -154,9 +168,43 @@ pub fn status_report(agent: &AgentState) -> StatusReport {
             map_version: map.as_ref().map(|m| m.version),
             tags: self_node.map_or_else(|| identity.tags.clone(), |n| n.tags.clone()),
             counters: serde_json::to_value(&engine.counters).unwrap_or_default(),
+            relay: Some(agent.relay.snapshot()),
+            endpoints: agent
+                .discovery
+                .get()
+                .endpoints
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            totals,
         },
         peers,
     }
+}
+
+/// Latency on the direct path and bytes through the relay of one peer, as the engine reports them.
+fn path_figures(peer: &PeerStatus) -> (Option<f64>, u64, u64) {
+    (peer.latency_ms, peer.relay_rx_bytes, peer.relay_tx_bytes)
+}
+
+/// STUN through the data plane's WireGuard socket (fresh probes, not the last discovery round) and the relay state.
+async fn netcheck(agent: &AgentState) -> NetcheckReport {
+    let mut notes = Vec::new();
+    let mut servers = agent.discovery.get().servers;
+    if servers.is_empty() {
+        // Not learned yet (or the coordinator was away): ask now.
+        let found = async {
+            let client = ControlClient::new(&agent.identity.coordinator_url, agent.identity.pinned()?)?;
+            netcheck::stun_servers(&client).await.map_err(anyhow::Error::from)
+        }
+        .await;
+        match found {
+            Ok(found) => servers = found,
+            Err(e) => notes.push(format!("no STUN check: {e}")),
+        }
+    }
+    let probes = netcheck::probe_all(&servers, |server| agent.dataplane.stun(server, netcheck::STUN_TIMEOUT)).await;
+    NetcheckReport::new(CheckSource::Agent, probes, Some(agent.relay.snapshot()), notes)
 }
 
 async fn ping(
@@ -223,8 +271,12 @@ async fn ping(
         let reply = PingReply {
             seq,
             rtt_ms: rtt.map(|d| d.as_secs_f64() * 1000.0),
-            path: live.as_ref().map_or("direct", |p| p.path).to_string(),
-            endpoint: live.and_then(|p| p.endpoint).map(|e: SocketAddr| e.to_string()),
+            // The path the peer is on as the reply arrives (the engine switches paths between echoes).
+            path: live.as_ref().map_or("none", |p| p.path).to_string(),
+            endpoint: live
+                .filter(|p| p.path == "direct")
+                .and_then(|p| p.endpoint)
+                .map(|e: SocketAddr| e.to_string()),
         };
         send(write, &Reply::PingReply(reply)).await?;
         if seq < count {
