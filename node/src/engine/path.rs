@@ -124,6 +124,8 @@ pub(crate) struct PathState {
     fallback: EndpointState,
     /// First octets of our own interface /24s: a candidate there is on our LAN.
     lan_prefixes: Vec<[u8; 3]>,
+    /// New peer-reflexive candidates to ping at the next poll, burst or not.
+    urgent: Vec<SocketAddr>,
 }
 
 impl PathState {
@@ -143,6 +145,7 @@ impl PathState {
             reported: Route::Nowhere,
             fallback: EndpointState::new(map_endpoints.clone()),
             lan_prefixes: Vec::new(),
+            urgent: Vec::new(),
         };
         state.replace_source(Source::Map, &map_endpoints);
         state.start_burst(now, true);
@@ -246,15 +249,15 @@ impl PathState {
         self.start_burst(now, true);
     }
 
-    /// An authenticated disco ping from `source`. Returns true when `source` is a new (peer-reflexive) candidate that
-    /// the caller should ping at once: how the side behind an endpoint-dependent NAT is reached.
+    /// An authenticated disco ping from `source`. Returns true when `source` is a new (peer-reflexive) candidate; it
+    /// is pinged at the next poll (within one engine tick): how the side behind an endpoint-dependent NAT is reached.
     pub(crate) fn on_ping(&mut self, source: SocketAddr, _now: Instant) -> bool {
         self.add_peer_reflexive(source)
     }
 
     /// An authenticated WireGuard datagram came over UDP from `source`: counts as traffic, feeds the relay-less
-    /// fallback (classic roaming) and makes an unknown source a candidate (returns true: ping it). It never moves the
-    /// chosen path itself.
+    /// fallback (classic roaming) and makes an unknown source a candidate (returns true; pinged at the next poll). It
+    /// never moves the chosen path itself.
     pub(crate) fn on_authenticated_udp(&mut self, source: SocketAddr, now: Instant) -> bool {
         self.note_traffic(now);
         self.fallback.on_authenticated(source);
@@ -282,6 +285,7 @@ impl PathState {
             source: Source::PeerReflexive,
             pong: None,
         });
+        self.urgent.push(addr);
         true
     }
 
@@ -364,6 +368,12 @@ impl PathState {
     pub(crate) fn poll(&mut self, now: Instant, relay_connected: bool, out: &mut PollOutput) {
         out.pings.clear();
         out.call_me_maybe = false;
+        // Newly learned sources first: the only way to reach a peer behind an endpoint-dependent NAT.
+        for addr in self.urgent.drain(..) {
+            if self.candidates.iter().any(|c| c.addr == addr) && !out.pings.contains(&addr) {
+                out.pings.push(addr);
+            }
+        }
         self.pending
             .retain(|p| now.saturating_duration_since(p.sent) <= PING_TIMEOUT);
         if self.best.is_some() && self.trusted_until.is_some_and(|until| now >= until) {
@@ -663,10 +673,21 @@ mod tests {
         let mut path = PathState::new(vec![], t0);
         assert_eq!(path.route(t0, false), Route::Nowhere);
         let src = addr("198.18.2.9:61234");
-        assert!(path.on_ping(src, t0), "a new source: ping it now");
-        assert!(!path.on_ping(src, t0), "known: no second ping");
-        path.ping_sent(TxId([1; 12]), src, t0);
-        assert!(path.on_pong(TxId([1; 12]), src, t0 + ms(2)).is_some());
+        // Let the first (empty) burst run out: the new source is pinged outside any burst.
+        for step in 0..20 {
+            poll(&mut path, t0 + ms(250 * step), true);
+        }
+        let t0 = t0 + Duration::from_secs(5);
+        assert!(path.on_ping(src, t0), "a new source");
+        assert!(!path.on_ping(src, t0), "known: not new twice");
+        let (pings, _) = poll(&mut path, t0, true);
+        assert_eq!(
+            pings.iter().map(|p| p.1).collect::<Vec<_>>(),
+            vec![src],
+            "pinged at the next poll"
+        );
+        assert!(poll(&mut path, t0 + ms(250), true).0.is_empty(), "once");
+        assert!(path.on_pong(pings[0].0, src, t0 + ms(2)).is_some());
         assert_eq!(path.route(t0 + ms(2), true), Route::Direct(src));
         // An authenticated WireGuard packet from elsewhere makes a candidate but does not move the path.
         let other = addr("198.18.2.9:61235");
