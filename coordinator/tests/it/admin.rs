@@ -245,6 +245,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/map"),
     ("put", "/api/v1/node/endpoints"),
     ("delete", "/api/v1/node"),
+    ("get", "/api/v1/relay"),
     ("post", "/api/v1/tokens"),
     ("get", "/api/v1/tokens"),
     ("delete", "/api/v1/tokens/{id}"),

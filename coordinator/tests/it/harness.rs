@@ -162,6 +162,8 @@ pub struct Coord {
     pub base: String,
     pub client: reqwest::Client,
     pub admin_key: String,
+    /// PEM of the self-signed certificate when started with [`Coord::start_tls`].
+    pub cert_pem: Option<Vec<u8>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -172,21 +174,44 @@ impl Coord {
     }
 
     pub async fn start_with(db: &TestDb, tweak: impl FnOnce(&mut ServeConfig)) -> Self {
+        Self::start_inner(db, false, tweak).await
+    }
+
+    /// A coordinator serving HTTPS with its self-signed certificate; `client` trusts that certificate.
+    pub async fn start_tls(db: &TestDb) -> Self {
+        Self::start_inner(db, true, |_| {}).await
+    }
+
+    async fn start_inner(db: &TestDb, tls: bool, tweak: impl FnOnce(&mut ServeConfig)) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let scheme = if tls { "https" } else { "http" };
         let mut config = ServeConfig::for_tests(&db.data_dir(), Some(db.url.clone()));
-        config.public_url = Some(format!("http://{addr}"));
+        config.public_url = Some(format!("{scheme}://{addr}"));
+        if tls {
+            config.tls = meshd_coordinator::config::TlsMode::SelfSigned;
+        }
         tweak(&mut config);
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(meshd_coordinator::run(config, listener, async move {
             let _ = rx.await;
         }));
-        let base = format!("http://{addr}");
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("client");
+        let base = format!("{scheme}://{addr}");
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        let mut cert_pem = None;
+        if tls {
+            let cert_path = db.data_dir().join("tls/cert.pem");
+            while !cert_path.exists() {
+                assert!(!task.is_finished(), "coordinator exited during start-up");
+                assert!(Instant::now() < deadline, "certificate generated");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let pem = std::fs::read(&cert_path).expect("cert");
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"));
+            cert_pem = Some(pem);
+        }
+        let client = builder.build().expect("client");
         loop {
             if let Ok(r) = client.get(format!("{base}/healthz")).send().await
                 && r.status().is_success()
@@ -206,6 +231,7 @@ impl Coord {
             base,
             client,
             admin_key,
+            cert_pem,
             shutdown: Some(tx),
             task: Some(task),
         }

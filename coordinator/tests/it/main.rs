@@ -10,6 +10,7 @@ mod joins;
 mod migrations;
 mod persistence;
 mod proofs;
+mod relay;
 mod replicas;
 mod stream;
 mod tls;

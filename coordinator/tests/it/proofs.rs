@@ -151,7 +151,12 @@ async fn join_key_is_stable_across_restart(backend: Backend) {
         .json()
         .await
         .expect("json");
-    assert_eq!(info, json!({"protocol_version": 1, "join_key": before.to_string()}));
+    let stun_ports = info["stun_ports"].as_array().expect("stun_ports").clone();
+    assert_eq!(stun_ports.len(), 2, "two STUN ports");
+    assert_eq!(
+        info,
+        json!({"protocol_version": 1, "join_key": before.to_string(), "stun_ports": stun_ports, "relay": true})
+    );
     let token = c.token(json!({"reusable": true})).await;
     let node = key(3);
     let proof = node.proof(&before, &token_id(&token), &node, "n");
