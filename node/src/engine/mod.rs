@@ -1,39 +1,53 @@
-//! The data plane: one TUN device, one UDP socket, one `boringtun::noise::Tunn` per peer.
+//! The data plane: one TUN device, one UDP socket, one `boringtun::noise::Tunn` per peer, and the path each peer's
+//! datagrams take (direct UDP or the coordinator's relay).
 //!
-//! Owns: moving packets between the TUN device and the UDP socket, WireGuard handshakes and timers, dispatching
-//! incoming datagrams to peers by receiver index, roaming, per-peer counters. Knows nothing of HTTP, the coordinator or
-//! the network map: it is configured declaratively through [`Engine::reconfigure`] with the full desired peer list.
+//! Owns: moving packets between the TUN device and the UDP socket (or the relay client's queues), WireGuard handshakes
+//! and timers, dispatching incoming datagrams to peers by receiver index, path selection (classic roaming for device
+//! peers; disco probes for agent peers, see `path`), STUN requests on the WireGuard socket, per-peer counters. Knows
+//! nothing of HTTP, the coordinator or the network map: it is configured declaratively through [`Engine::reconfigure`]
+//! with the full desired peer list, and the relay client talks to it only through the two [`RelayDatagram`] queues
+//! ([`Engine::take_relay_outbound`], [`Engine::relay_inbound`]) and [`Engine::set_relay_connected`].
 //!
-//! INTERFACE CONTRACT (shared by `daemon.rs`/`ctl.rs`): the signatures below are what the rest of the agent calls.
+//! INTERFACE CONTRACT (shared by `agent.rs`/`daemon.rs`/`ctl`/`relay.rs`/`netcheck.rs`): the signatures below are what
+//! the rest of the agent calls (design section 5).
 //!
 //! # Layout
-//! - `peers`: the immutable peer table (routes, index and key maps) and building the next one on reconfigure.
-//! - `endpoint`: which address a peer's packets go to (roaming, candidate rotation). Pure.
+//! - `peers`: the immutable peer table (routes, index and key maps) and building the next one on reconfigure; each
+//!   peer's state says where its datagrams go (`PeerState::destination_for`).
+//! - `endpoint`: a device peer's address (roaming, candidate rotation). Pure.
+//! - `path`: an agent peer's path: candidates, probe bursts, pongs, RTT, trust, heartbeats, hysteresis, LAN bonus and
+//!   the send rule (trusted direct address, else relay, else best known address). Pure, driven by an explicit clock.
 //! - `dispatch`: per-packet decisions (TUN header checks, receiver-index / static-key dispatch). Pure.
-//! - `outbound`: task TUN -> encrypt -> UDP. `inbound`: task UDP -> decrypt -> TUN. `timers`: task for WireGuard
-//!   timers, persistent keepalive and the rate limiter's clock.
+//! - `outbound`: task TUN -> encrypt -> UDP (or relay queue). `inbound`: task UDP -> classify (disco / STUN /
+//!   WireGuard) -> decrypt -> TUN, and the `relayed` task that runs relay datagrams through the same code.
+//!   `timers`: task for WireGuard timers, persistent keepalive, the rate limiter's clock, and disco probes
+//!   (bursts, heartbeats, CallMeMaybe over the relay, path-change log lines).
 //! - `tun`, `udp`: the two devices and their batch buffers (TUN offload, recvmmsg + GRO, GSO sends).
-//! - `counters`: what was dropped and why.
+//! - `counters`: what was dropped and why, relayed bytes.
 //!
 //! # Concurrency
-//! Three tokio tasks, each owning its buffers (nothing is allocated per packet). They share an `Arc<Shared>`: the
-//! peer table behind an `ArcSwap` (loaded once per batch; a reconfigure builds a new table and swaps it in, so the
-//! packet path takes no global lock), atomic counters, and one `Mutex<PeerState>` per peer, held for one
-//! encrypt/decrypt because boringtun's `Tunn` takes `&mut self`. Outbound and inbound run in parallel on different
-//! peers, and on the same peer they alternate per packet.
+//! Four tokio tasks, each owning its buffers (nothing is allocated per packet on the direct path). They share an
+//! `Arc<Shared>`: the peer table behind an `ArcSwap` (loaded once per batch; a reconfigure builds a new table and swaps
+//! it in, so the packet path takes no global lock), atomic counters and flags (relay connected), and one
+//! `Mutex<PeerState>` per peer, held for one encrypt/decrypt (or one disco message) because boringtun's `Tunn` takes
+//! `&mut self`. Outbound and inbound run in parallel on different peers, and on the same peer they alternate per
+//! packet. The relay queues are bounded and written with `try_send`: a slow relay drops (counted), never blocks.
 //!
 //! # The path of a packet
 //! Out: the kernel routes 10.77.0.0/16 into the TUN device -> `outbound` reads a batch (with TSO offload, one read is
 //! a 64 KiB super-packet that tun-rs splits into MTU-sized segments; without, it drains up to 128 ready packets) ->
 //! per packet: IPv4 header check, destination -> peer (/32 map, then longer prefixes), lock that peer, `encapsulate`
-//! straight into the send batch -> one `sendmsg` per run of equal-sized datagrams to one endpoint (UDP GSO).
+//! straight into the send batch -> the peer's send rule: UDP (one `sendmsg` per run of equal-sized datagrams to one
+//! endpoint, UDP GSO) or a copy into the relay queue.
 //! In: `inbound` `recvmmsg`s up to 32 buffers, each possibly a GRO train of datagrams of one sender -> per datagram:
-//! the shared rate limiter checks it with the sender's address (cookie reply when under load) -> peer by receiver
-//! index (or, for an initiation, by the static key inside) -> lock, `decapsulate` into the TUN batch -> roaming (the
-//! endpoint becomes the source of the authenticated datagram) -> inner source must route back to that peer -> the
-//! batch is written with `send_multiple` (tun-rs coalesces TCP/UDP segments into super-packets: GRO).
-//! Handshake answers go back to the datagram's source; packets boringtun queued during the handshake are flushed
-//! right after (`decapsulate(None, &[])` until Done).
+//! disco (magic `MESHD!`) is opened with the sender's precomputed key and handled (ping -> pong, pong -> path
+//! confirmed); a STUN binding response goes to the waiting [`Engine::stun`]; WireGuard: the shared rate limiter checks
+//! it with the sender's address (cookie reply when under load) -> peer by receiver index (or, for an initiation, by
+//! the static key inside) -> lock, `decapsulate` into the TUN batch -> a device peer roams to the source; for an agent
+//! the source only becomes a candidate -> inner source must route back to that peer -> the batch is written with
+//! `send_multiple` (tun-rs coalesces TCP/UDP segments into super-packets: GRO).
+//! Handshake answers go back where the datagram came from (UDP source, or the relay); packets boringtun queued during
+//! the handshake are flushed right after (`decapsulate(None, &[])` until Done), by the send rule.
 
 mod counters;
 mod dispatch;
