@@ -6,8 +6,10 @@
 //! engine_pair pubkey <PRIVATE_KEY>        # prints its public key
 //! engine_pair run --private-key K --address 10.77.0.1 --network 10.77.0.0/16 --listen-port 51820 \
 //!     --interface eng0 --peer 'PUBKEY,10.77.0.2/32,198.18.0.2:51820' [--peer ...] [--keepalive 25] \
-//!     [--no-offload] [--status-every 5] [--status-file PATH]
+//!     [--no-offload] [--status-every 5] [--status-file PATH] [--agent]
 //! ```
+//! `--agent` makes every peer an agent peer (disco path probes; no relay here, so the direct fallback until a pong
+//! confirms a path); without it they are device peers (classic WireGuard).
 //! A `--peer` is `PUBLIC_KEY,ALLOWED_IP[+ALLOWED_IP...][,ENDPOINT[+ENDPOINT...]]`; without an endpoint the engine
 //! waits for that peer to send first. SIGUSR1 removes every peer (reconfigure with an empty list), SIGUSR2 puts them
 //! back. Runs until SIGINT/SIGTERM, then shuts the engine down (the device disappears).
@@ -21,7 +23,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
-use meshd_node::engine::{Engine, EngineConfig, EngineOptions, PeerConfig};
+use meshd_node::engine::{Engine, EngineConfig, EngineOptions, NodeKind, PeerConfig};
 use meshd_protocol::PublicKey;
 use x25519_dalek::StaticSecret;
 
@@ -70,6 +72,9 @@ struct RunArgs {
     /// Also write the latest status JSON to this file (replaced atomically) every second.
     #[arg(long)]
     status_file: Option<PathBuf>,
+    /// Peers are agents (disco path selection) instead of plain WireGuard devices.
+    #[arg(long)]
+    agent: bool,
 }
 
 fn parse_private_key(text: &str) -> Result<StaticSecret> {
@@ -78,7 +83,7 @@ fn parse_private_key(text: &str) -> Result<StaticSecret> {
     Ok(StaticSecret::from(bytes))
 }
 
-fn parse_peer(spec: &str, keepalive: Option<u16>) -> Result<PeerConfig> {
+fn parse_peer(spec: &str, keepalive: Option<u16>, kind: NodeKind) -> Result<PeerConfig> {
     let mut fields = spec.split(',');
     let key: PublicKey = fields.next().unwrap_or_default().parse().context("peer public key")?;
     let allowed_ips = fields
@@ -103,8 +108,7 @@ fn parse_peer(spec: &str, keepalive: Option<u16>) -> Result<PeerConfig> {
         allowed_ips,
         endpoints,
         persistent_keepalive: keepalive,
-        // Classic WireGuard between the two ends (no disco, no relay): what this example measures.
-        kind: meshd_node::engine::NodeKind::Device,
+        kind,
     })
 }
 
@@ -133,7 +137,10 @@ async fn run(args: RunArgs) -> Result<()> {
     let peers = args
         .peers
         .iter()
-        .map(|p| parse_peer(p, args.keepalive))
+        .map(|p| {
+            let kind = if args.agent { NodeKind::Agent } else { NodeKind::Device };
+            parse_peer(p, args.keepalive, kind)
+        })
         .collect::<Result<Vec<_>>>()?;
     let config = EngineConfig {
         interface: args.interface.clone(),
