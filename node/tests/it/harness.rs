@@ -4,18 +4,22 @@
 //! The coordinator binary is taken from `MESHD_COORDINATOR_BIN`, else from this test's target directory
 //! (`cargo test --workspace` builds it). Processes are killed by PID when dropped.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use meshd_node::agent::StunFuture;
 use meshd_node::cache::MapCache;
 use meshd_node::control::ControlClient;
 use meshd_node::daemon::{self, AgentState, ControlLoop, DataPlane, Phase, StopReason};
-use meshd_node::engine::{EngineCounters, EngineStatus, PeerConfig};
+use meshd_node::engine::{EngineCounters, EngineStatus, PeerConfig, RelayDatagram};
+use meshd_node::relay::{RelayClient, RelayStatus};
 use meshd_node::state::{Identity, StateDir};
+use meshd_protocol::stun;
 use meshd_protocol::{JoinToken, NetworkMap, PublicKey};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// The fake listen port the fake engine reports.
@@ -103,6 +107,10 @@ impl Coordinator {
             .stderr(log);
         if !self.tls {
             command.arg("--no-tls");
+        }
+        if !self.extra.iter().any(|a| a.contains("stun")) {
+            // Tests run in parallel: STUN on free ports (published in /api/v1/info), never the fixed defaults.
+            command.args(["--stun-port", "0", "--stun-alt-port", "0"]);
         }
         command.args(&self.extra);
         self.child = Some(command.spawn().expect("spawn meshd-coordinator"));
@@ -207,14 +215,97 @@ impl Drop for Coordinator {
     }
 }
 
-/// A data plane that records the desired peers.
-#[derive(Default)]
+/// A data plane that records the desired peers, exposes relay channels the test drives, records what the agent
+/// tells it (relay up/down, own endpoints) and answers STUN from a real UDP socket of its own (its "WireGuard
+/// socket", so every probe shows the same mapping, as the real engine's would).
 pub struct FakeEngine {
     peers: Mutex<Vec<PeerConfig>>,
     reconfigures: Mutex<usize>,
+    /// The test's end of the outbound relay channel: what it sends here leaves through the relay client.
+    pub relay_out: mpsc::Sender<RelayDatagram>,
+    relay_out_rx: Mutex<Option<mpsc::Receiver<RelayDatagram>>>,
+    relay_in: mpsc::Sender<RelayDatagram>,
+    /// What the relay client delivered.
+    pub relay_received: tokio::sync::Mutex<mpsc::Receiver<RelayDatagram>>,
+    relay_connected: Mutex<Vec<bool>>,
+    own_endpoints: Mutex<Vec<SocketAddr>>,
+    stun_socket: tokio::sync::Mutex<Option<tokio::net::UdpSocket>>,
+}
+
+impl Default for FakeEngine {
+    fn default() -> Self {
+        let (relay_out, relay_out_rx) = mpsc::channel(64);
+        let (relay_in, relay_received) = mpsc::channel(64);
+        Self {
+            peers: Mutex::default(),
+            reconfigures: Mutex::default(),
+            relay_out,
+            relay_out_rx: Mutex::new(Some(relay_out_rx)),
+            relay_in,
+            relay_received: tokio::sync::Mutex::new(relay_received),
+            relay_connected: Mutex::default(),
+            own_endpoints: Mutex::default(),
+            stun_socket: tokio::sync::Mutex::new(None),
+        }
+    }
 }
 
 impl FakeEngine {
+    /// Every `set_relay_connected` call, in order.
+    pub fn relay_connected_calls(&self) -> Vec<bool> {
+        self.relay_connected.lock().expect("lock").clone()
+    }
+
+    pub fn relay_connected(&self) -> bool {
+        self.relay_connected_calls().last().copied().unwrap_or(false)
+    }
+
+    pub fn own_endpoints(&self) -> Vec<SocketAddr> {
+        self.own_endpoints.lock().expect("lock").clone()
+    }
+
+    /// The next datagram the relay delivered, within `within`.
+    pub async fn relay_recv(&self, within: Duration) -> Option<RelayDatagram> {
+        tokio::time::timeout(within, self.relay_received.lock().await.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn stun_probe(&self, server: SocketAddr, timeout: Duration) -> Result<SocketAddr, String> {
+        let mut socket = self.stun_socket.lock().await;
+        if socket.is_none() {
+            *socket = Some(
+                tokio::net::UdpSocket::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let socket = socket.as_ref().expect("bound above");
+        let tx = stun::TransactionId(rand::random());
+        socket
+            .send_to(&stun::binding_request(tx), server)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 1500];
+        let answer = async {
+            loop {
+                let (n, from) = socket.recv_from(&mut buf).await.map_err(|e| e.to_string())?;
+                if from != server {
+                    continue;
+                }
+                if let Ok((id, mapped)) = stun::parse_binding_response(&buf[..n])
+                    && id == tx
+                {
+                    return Ok(mapped);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, answer)
+            .await
+            .map_err(|_| "no STUN answer".to_string())?
+    }
+
     pub fn peers(&self) -> Vec<PeerConfig> {
         self.peers.lock().expect("lock").clone()
     }
@@ -247,6 +338,23 @@ impl DataPlane for FakeEngine {
     fn listen_port(&self) -> u16 {
         FAKE_PORT
     }
+
+    fn relay_channels(&self) -> Option<(mpsc::Receiver<RelayDatagram>, mpsc::Sender<RelayDatagram>)> {
+        let outbound = self.relay_out_rx.lock().expect("lock").take()?;
+        Some((outbound, self.relay_in.clone()))
+    }
+
+    fn set_relay_connected(&self, connected: bool) {
+        self.relay_connected.lock().expect("lock").push(connected);
+    }
+
+    fn stun(&self, server: SocketAddr, timeout: Duration) -> StunFuture<'_> {
+        Box::pin(self.stun_probe(server, timeout))
+    }
+
+    fn set_own_endpoints(&self, endpoints: Vec<SocketAddr>) {
+        *self.own_endpoints.lock().expect("lock") = endpoints;
+    }
 }
 
 /// A node's state directory, enrolled through [`daemon::enrol`].
@@ -273,6 +381,20 @@ impl Node {
 
     pub fn client(&self) -> ControlClient {
         ControlClient::new(&self.identity.coordinator_url, self.identity.pinned().expect("pin")).expect("client")
+    }
+
+    /// A relay client for this node over `engine` (not started).
+    pub fn relay_client(&self, engine: Arc<FakeEngine>) -> (RelayClient, Arc<RelayStatus>) {
+        let status = Arc::new(RelayStatus::default());
+        let client = RelayClient {
+            client: ControlClient::for_relay(&self.identity.coordinator_url, self.identity.pinned().expect("pin"))
+                .expect("relay client"),
+            credential: self.credential.clone(),
+            own_key: self.identity.public_key,
+            dataplane: engine,
+            status: status.clone(),
+        };
+        (client, status)
     }
 
     pub fn cache(&self) -> MapCache {
