@@ -13,6 +13,9 @@
 //! Versions are read in commit order (see `store` on why), so "everything after the last version seen" misses nothing.
 //! A stream that falls behind by more than [`CHANNEL_CAPACITY`] events gets `Lagged` and resyncs with a full map
 //! rather than slowing the others. The task also prunes the change log to the newest `keep` entries.
+//!
+//! The broker also keeps every node's current map entry, serialized ([`MapCache`]), updated from the same change
+//! rows before each broadcast: streams build full maps from it without a database query.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +24,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
+use crate::mapcache::MapCache;
 use crate::netmap::ChangeEvent;
 use crate::store::{Backend, PG_CHANGES_CHANNEL, Store};
 
@@ -38,6 +42,10 @@ pub struct Broker {
     tx: broadcast::Sender<Arc<ChangeEvent>>,
     /// Last version broadcast.
     seen: AtomicU64,
+    /// Every node's map entry at (at least) version `seen`.
+    cache: MapCache,
+    /// Told after every batch broadcast.
+    advanced: Notify,
 }
 
 impl std::fmt::Debug for Broker {
@@ -57,9 +65,12 @@ impl Broker {
     ) -> crate::store::Result<Arc<Self>> {
         let (tx, _) = broadcast::channel(CHANNEL_CAPACITY);
         let start = store.current_version().await?;
+        let nodes = store.nodes().await?;
         let broker = Arc::new(Self {
             tx,
             seen: AtomicU64::new(start),
+            cache: MapCache::new(start, &nodes),
+            advanced: Notify::new(),
         });
         let wake = store.change_notify();
         if store.backend() == Backend::Postgres {
@@ -71,6 +82,28 @@ impl Broker {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeEvent>> {
         self.tx.subscribe()
+    }
+
+    /// The current map entries (subscribe first, then read: every change above the cache's version then arrives).
+    pub fn cache(&self) -> &MapCache {
+        &self.cache
+    }
+
+    /// Waits (at most `timeout`) until the cache reflects `version`: a stream about to send a full map waits for
+    /// what was committed before it asked (its own online change, an admin's rename a moment ago). False on timeout.
+    pub async fn wait_for(&self, version: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let advanced = self.advanced.notified();
+            tokio::pin!(advanced);
+            advanced.as_mut().enable();
+            if self.cache.version() >= version {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, advanced).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Last version broadcast by this process.
@@ -86,12 +119,16 @@ impl Broker {
             let batch = store.changes_after(after, BATCH).await?;
             let n = batch.len();
             for change in &batch {
+                self.cache.apply(change);
                 let event = Arc::new(ChangeEvent::new(change));
                 self.seen.store(event.version, Ordering::Release);
                 // No receivers is fine: no stream is open.
                 let _ = self.tx.send(event);
             }
             sent += n;
+            if n > 0 {
+                self.advanced.notify_waiters();
+            }
             if (n as i64) < BATCH {
                 return Ok(sent);
             }

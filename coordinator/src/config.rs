@@ -225,6 +225,9 @@ pub struct ServeConfig {
     pub stun_ports: Vec<u16>,
     /// Serve the relay route.
     pub relay: bool,
+    /// How long a node stays online after its last map stream closed (and after a restart, for the nodes that were
+    /// online): one that reconnects within it never goes offline (see `presence`).
+    pub presence_grace: Duration,
     /// Handler time limit (not a flag: a tuning knob for embedding and tests).
     pub request_timeout: Duration,
 }
@@ -245,6 +248,7 @@ impl ServeConfig {
             keep_changes: DEFAULT_KEEP_CHANGES,
             stun_ports: vec![0, 0],
             relay: true,
+            presence_grace: crate::presence::DEFAULT_GRACE,
             request_timeout: crate::http::REQUEST_TIMEOUT,
         }
     }
@@ -360,6 +364,7 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
         keep_changes,
         stun_ports,
         relay,
+        presence_grace: crate::presence::DEFAULT_GRACE,
         request_timeout: crate::http::REQUEST_TIMEOUT,
     })
 }

@@ -24,10 +24,12 @@ pub mod error;
 pub mod http;
 pub mod ipam;
 pub mod joinkey;
+pub mod mapcache;
 pub mod model;
 pub mod naming;
 pub mod netmap;
 pub mod ops;
+pub mod presence;
 pub mod relay;
 pub mod secrets;
 pub mod store;
@@ -85,7 +87,8 @@ pub async fn run(
             &fingerprint.map(|f| f.to_hex()).unwrap_or_default(),
         )
         .await?;
-    store.reset_presence().await?;
+    // Nodes the previous process had online stay online for the grace period (see `presence`).
+    let previously_online = store.online_node_ids().await?;
     if guessed {
         tracing::warn!(url = %public_url, "no --public-url given; guessed from this host (nodes must reach it)");
         println!("Nodes will reach this coordinator at {public_url} (guessed; if that is wrong, pass --public-url).");
@@ -112,6 +115,7 @@ pub async fn run(
     };
     let cancel = CancellationToken::new();
     let broker = broker::Broker::start(store.clone(), config.keep_changes, cancel.clone()).await?;
+    let presence = presence::Presence::start(store.clone(), previously_online, config.presence_grace, cancel.clone());
     // STUN answers on the listening address's IP (all addresses when it listens on all).
     let stun_ports = stun::start(local.ip(), &config.stun_ports, cancel.clone())
         .await
@@ -122,6 +126,7 @@ pub async fn run(
     let state = http::AppState::new(http::StateInner {
         store: store.clone(),
         broker,
+        presence,
         network: config.network,
         public_url,
         fingerprint,

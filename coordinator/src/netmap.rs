@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use ipnet::Ipv4Net;
 use meshd_protocol::{MapMessage, MapNode, NetworkMap, NodeId};
 
@@ -55,6 +56,10 @@ pub struct ChangeEvent {
     pub peer_json: Arc<str>,
     /// JSON of the `SelfChanged` message for the node itself (absent when it was removed).
     pub self_json: Option<Arc<str>>,
+    /// `peer_json` as a complete SSE event ([`sse_frame`]), written as is by every stream.
+    pub peer_frame: Bytes,
+    /// `self_json` as a complete SSE event.
+    pub self_frame: Option<Bytes>,
 }
 
 impl ChangeEvent {
@@ -82,12 +87,25 @@ impl ChangeEvent {
                 (peer_msg, Some(self_msg))
             }
         };
+        let peer_json = to_json(&peer_msg);
+        let self_json = self_msg.as_ref().map(to_json);
         Self {
             version,
             node_id: change.node_id,
             node_exists: change.node.is_some(),
-            peer_json: to_json(&peer_msg),
-            self_json: self_msg.as_ref().map(to_json),
+            peer_frame: sse_frame(version, &peer_json),
+            self_frame: self_json.as_deref().map(|json| sse_frame(version, json)),
+            peer_json,
+            self_json,
+        }
+    }
+
+    /// The SSE event for the stream of `viewer`, `None` when the viewer itself was removed (its stream ends).
+    pub fn frame_for_viewer(&self, viewer: NodeId) -> Option<&Bytes> {
+        if viewer == self.node_id {
+            self.self_frame.as_ref()
+        } else {
+            Some(&self.peer_frame)
         }
     }
 
@@ -99,6 +117,20 @@ impl ChangeEvent {
             Some(&self.peer_json)
         }
     }
+}
+
+/// One map-stream event as sent on the wire: `event: map`, the version as its `id`, the JSON message as its `data`
+/// (compact JSON holds no newline, so one `data` line).
+pub fn sse_frame(version: u64, json: &str) -> Bytes {
+    let mut frame = String::with_capacity(json.len() + 40);
+    frame.push_str("event: ");
+    frame.push_str(meshd_protocol::paths::MAP_EVENT);
+    frame.push_str("\nid: ");
+    frame.push_str(&version.to_string());
+    frame.push_str("\ndata: ");
+    frame.push_str(json);
+    frame.push_str("\n\n");
+    Bytes::from(frame)
 }
 
 pub fn to_json(message: &MapMessage) -> Arc<str> {

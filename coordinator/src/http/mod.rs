@@ -47,6 +47,8 @@ pub struct AppState(Arc<StateInner>);
 pub struct StateInner {
     pub store: Store,
     pub broker: Arc<Broker>,
+    /// Which nodes have a map stream open; online/offline changes (see [`crate::presence`]).
+    pub presence: Arc<crate::presence::Presence>,
     pub network: Ipv4Net,
     /// Written into tokens.
     pub public_url: String,

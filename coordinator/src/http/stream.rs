@@ -9,19 +9,26 @@
 //! [`meshd_protocol::MapMessage`]. The first message is a `full` map, or, when the node resumes from a version the
 //! change log still covers, only what it missed (the newest change per node). Then deltas as they commit, each the
 //! same shared bytes for every stream (see [`crate::netmap`]). A stream that lags behind the broker resyncs with a
-//! full map. The node is online while at least one of its streams is open. Its own deletion ends its stream.
+//! full map. The node is online while at least one of its streams is open (and for a grace period after the last one
+//! closes, see [`crate::presence`]). Its own deletion ends its stream.
 //! Keep-alive comments every [`KEEP_ALIVE`] keep idle proxies from closing the connection and reveal dead peers.
+//!
+//! Cost per stream, which is what decides how many nodes one coordinator serves (see `meshd-loadgen`):
+//! - opening: one credential lookup; the full map comes from the broker's [`crate::mapcache::MapCache`], and a resume
+//!   from the newest version needs no query at all;
+//! - per change: the same pre-built SSE bytes for every stream ([`ChangeEvent::frame_for_viewer`]); changes that
+//!   arrive together (a batch of presence changes) are written as one chunk.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use futures::Stream;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
 use meshd_protocol::api::ErrorBody;
-use meshd_protocol::paths::MAP_EVENT;
 use meshd_protocol::{MapMessage, NodeId};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
@@ -32,14 +39,22 @@ use super::AppState;
 use super::extract::{ApiQuery, NodeAuth};
 use crate::error::ApiError;
 use crate::netmap::{self, ChangeEvent};
+use crate::presence::Presence;
 use crate::store::StoreError;
 use crate::telemetry;
 
 /// Interval of SSE keep-alive comments.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
-/// Events queued per stream between the stream task and the HTTP body; a slow client back-pressures the task,
+/// Chunks queued per stream between the stream task and the HTTP body; a slow client back-pressures the task,
 /// which then lags on the broadcast channel and resyncs.
 const QUEUE: usize = 32;
+/// Most changes written as one chunk.
+const MAX_BATCH: usize = 256;
+/// Longest a new stream waits for its node to be written online before its first message.
+const ONLINE_WAIT: Duration = Duration::from_secs(2);
+/// Longest a new stream waits for the broker to learn of a node that just joined.
+const JOIN_WAIT: Duration = Duration::from_secs(5);
+const KEEP_ALIVE_COMMENT: &[u8] = b":\n\n";
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct MapQuery {
@@ -64,7 +79,7 @@ pub async fn map(
     node: NodeAuth,
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<MapQuery>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let since = query.since.or_else(|| {
         headers
             .get("last-event-id")
@@ -73,7 +88,11 @@ pub async fn map(
     });
     // Subscribe before reading anything: every change above the version we start from then reaches us.
     let changes = state.broker.subscribe();
-    state.store.stream_connected(node.node_id).await?;
+    state.presence.connected(node.node_id);
+    let connection = Connected {
+        presence: state.presence.clone(),
+        node_id: node.node_id,
+    };
     let (tx, rx) = mpsc::channel(QUEUE);
     let session = StreamSession {
         state: state.clone(),
@@ -81,8 +100,24 @@ pub async fn map(
         secret_hash: node.secret_hash,
         tx,
     };
-    tokio::spawn(session.run(changes, since));
-    Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+    tokio::spawn(session.run(changes, since, connection));
+    let mut response = Body::from_stream(ReceiverStream::new(rx)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
+
+/// A counted open stream; dropping it tells presence the stream closed.
+struct Connected {
+    presence: Arc<Presence>,
+    node_id: NodeId,
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.presence.disconnected(self.node_id, Instant::now());
+    }
 }
 
 /// One node's stream: the task that feeds the HTTP body.
@@ -91,7 +126,7 @@ struct StreamSession {
     node_id: NodeId,
     /// Hash of the credential the stream was opened with.
     secret_hash: [u8; 32],
-    tx: mpsc::Sender<Result<Event, Infallible>>,
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
 }
 
 /// Why a stream ended.
@@ -111,7 +146,7 @@ impl From<StoreError> for End {
 }
 
 impl StreamSession {
-    async fn run(self, changes: broadcast::Receiver<Arc<ChangeEvent>>, since: Option<u64>) {
+    async fn run(self, changes: broadcast::Receiver<Arc<ChangeEvent>>, since: Option<u64>, connection: Connected) {
         metrics::gauge!(telemetry::MAP_STREAMS).increment(1.0);
         tracing::info!(node = self.node_id, ?since, "map stream opened");
         let end = self.serve(changes, since).await;
@@ -120,52 +155,89 @@ impl StreamSession {
             End::Store(e) => tracing::warn!(node = self.node_id, error = %e, "map stream ended by a database error"),
             other => tracing::info!(node = self.node_id, reason = ?other, "map stream closed"),
         }
-        if !matches!(end, End::NodeDeleted)
-            && let Err(e) = self.state.store.stream_disconnected(self.node_id).await
-        {
-            tracing::warn!(node = self.node_id, error = %e, "could not mark the node offline");
-        }
+        drop(connection);
     }
 
     async fn serve(&self, mut changes: broadcast::Receiver<Arc<ChangeEvent>>, since: Option<u64>) -> End {
+        self.state.presence.wait_online(self.node_id, ONLINE_WAIT).await;
         let mut last_sent = match self.start(since).await {
             Ok(version) => version,
             Err(end) => return end,
         };
+        let keep_alive = tokio::time::sleep(KEEP_ALIVE);
+        tokio::pin!(keep_alive);
         loop {
             let received = tokio::select! {
                 () = self.state.shutdown.cancelled() => return End::Shutdown,
                 () = self.tx.closed() => return End::ClientGone,
-                received = changes.recv() => received,
-            };
-            match received {
-                Ok(event) => {
-                    if event.version <= last_sent {
-                        continue; // already covered by the map or replay we started with
-                    }
-                    let Some(json) = event.for_viewer(self.node_id) else {
-                        return End::NodeDeleted;
-                    };
-                    // A change about this node may be a re-join that replaced its credential: a stream opened with
-                    // the old one must end, as any later request with it fails. Checked only on changes about the
-                    // node itself, so a peer's change still costs this stream nothing but the write.
-                    if event.node_id == self.node_id && !self.credential_still_valid().await {
-                        return End::CredentialReplaced;
-                    }
-                    if let Err(end) = self.send(event.version, json).await {
+                () = &mut keep_alive => {
+                    if let Err(end) = self.send(Bytes::from_static(KEEP_ALIVE_COMMENT), 0).await {
                         return end;
                     }
-                    last_sent = event.version;
+                    keep_alive.as_mut().reset(tokio::time::Instant::now() + KEEP_ALIVE);
+                    continue;
                 }
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::warn!(node = self.node_id, missed, "map stream lagged; resending the full map");
-                    match self.send_full().await {
-                        Ok(version) => last_sent = version,
-                        Err(end) => return end,
+                received = changes.recv() => received,
+            };
+            // Take everything already queued with it: one write for a batch.
+            let mut batch = Vec::new();
+            let mut next = Some(received);
+            while let Some(received) = next.take() {
+                match received {
+                    Ok(event) => {
+                        if event.version > last_sent {
+                            let Some(frame) = event.frame_for_viewer(self.node_id) else {
+                                return End::NodeDeleted;
+                            };
+                            // A change about this node may be a re-join that replaced its credential: a stream
+                            // opened with the old one must end, as any later request with it fails. Checked only on
+                            // changes about the node itself, so a peer's change costs this stream only the write.
+                            if event.node_id == self.node_id && !self.credential_still_valid().await {
+                                return End::CredentialReplaced;
+                            }
+                            batch.push(frame.clone());
+                            last_sent = event.version;
+                        }
                     }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(node = self.node_id, missed, "map stream lagged; resending the full map");
+                        // The full map covers everything queued before it.
+                        batch.clear();
+                        match self.send_full().await {
+                            Ok(version) => last_sent = version,
+                            Err(end) => return end,
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return End::Shutdown,
                 }
-                Err(broadcast::error::RecvError::Closed) => return End::Shutdown,
+                if batch.len() < MAX_BATCH {
+                    next = match changes.try_recv() {
+                        Ok(event) => Some(Ok(event)),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                            Some(Err(broadcast::error::RecvError::Lagged(n)))
+                        }
+                        Err(broadcast::error::TryRecvError::Empty) => None,
+                        Err(broadcast::error::TryRecvError::Closed) => Some(Err(broadcast::error::RecvError::Closed)),
+                    };
+                }
             }
+            if batch.is_empty() {
+                continue;
+            }
+            let count = batch.len() as u64;
+            let chunk = if batch.len() == 1 {
+                batch.swap_remove(0)
+            } else {
+                let mut joined = BytesMut::with_capacity(batch.iter().map(Bytes::len).sum());
+                for frame in &batch {
+                    joined.extend_from_slice(frame);
+                }
+                joined.freeze()
+            };
+            if let Err(end) = self.send(chunk, count).await {
+                return end;
+            }
+            keep_alive.as_mut().reset(tokio::time::Instant::now() + KEEP_ALIVE);
         }
     }
 
@@ -174,16 +246,21 @@ impl StreamSession {
     async fn start(&self, since: Option<u64>) -> Result<u64, End> {
         let store = &self.state.store;
         if let Some(since) = since {
+            // Resuming from the newest version (a reconnect, even across a coordinator restart, when nothing changed
+            // meanwhile): nothing was missed, and everything newer arrives through the subscription.
+            if since == self.state.broker.cache().version() {
+                return Ok(since);
+            }
             let pruned = store.pruned_through().await?;
             let current = store.current_version().await?;
             if since >= pruned && since <= current {
                 let mut version = since;
                 for change in store.missed_changes(since).await? {
                     let event = ChangeEvent::new(&change);
-                    let Some(json) = event.for_viewer(self.node_id) else {
+                    let Some(frame) = event.frame_for_viewer(self.node_id) else {
                         return Err(End::NodeDeleted);
                     };
-                    self.send(event.version, json).await?;
+                    self.send(frame.clone(), 1).await?;
                     version = version.max(event.version);
                 }
                 // Every committed change above `since` was in the replay (versions commit in order), so the
@@ -212,27 +289,41 @@ impl StreamSession {
         }
     }
 
+    /// Sends the full map from the broker's cache, once the cache has caught up with the change log (the broker reads it
+    /// right after each commit). A node missing from it then is gone (checked against the database).
     async fn send_full(&self) -> Result<u64, End> {
-        let store = &self.state.store;
-        // Version first, then the nodes: the map may already include changes above `version`; they are sent again
-        // as deltas, which is harmless (deltas carry whole nodes, applying one twice changes nothing).
-        let version = store.current_version().await?;
-        let nodes = store.nodes().await?;
-        let Some(map) = netmap::full_map(version, self.state.network, self.node_id, &nodes) else {
-            return Err(End::NodeDeleted);
-        };
-        let json = netmap::to_json(&MapMessage::Full { map });
-        self.send(version, &json).await?;
-        Ok(version)
+        // Read-your-writes: the map includes everything committed before it was asked for.
+        let committed = self.state.store.current_version().await?;
+        if !self.state.broker.wait_for(committed, JOIN_WAIT).await {
+            tracing::warn!(
+                node = self.node_id,
+                committed,
+                "the broker is behind the change log; sending an older map"
+            );
+        }
+        let cache = self.state.broker.cache();
+        let deadline = Instant::now() + JOIN_WAIT;
+        loop {
+            if let Some((version, json)) = cache.full_map_json(self.node_id, self.state.network) {
+                self.send(netmap::sse_frame(version, &json), 1).await?;
+                return Ok(version);
+            }
+            if Instant::now() > deadline || self.state.store.node_credential_hash(self.node_id).await?.is_none() {
+                return Err(End::NodeDeleted);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
-    async fn send(&self, version: u64, json: &Arc<str>) -> Result<(), End> {
-        let event = Event::default().event(MAP_EVENT).id(version.to_string()).data(&**json);
+    /// Queues a chunk of `events` map events (0 for a keep-alive comment) for the HTTP body.
+    async fn send(&self, chunk: Bytes, events: u64) -> Result<(), End> {
         tokio::select! {
             () = self.state.shutdown.cancelled() => Err(End::Shutdown),
-            sent = self.tx.send(Ok(event)) => {
+            sent = self.tx.send(Ok(chunk)) => {
                 sent.map_err(|_| End::ClientGone)?;
-                metrics::counter!(telemetry::MAP_UPDATES).increment(1);
+                if events > 0 {
+                    metrics::counter!(telemetry::MAP_UPDATES).increment(events);
+                }
                 Ok(())
             }
         }

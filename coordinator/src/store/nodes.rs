@@ -300,55 +300,37 @@ impl Store {
         Ok(true)
     }
 
-    /// A map stream of the node connected: online from the first stream on.
-    pub async fn stream_connected(&self, id: NodeId) -> Result<()> {
-        self.adjust_streams(id, 1).await
-    }
-
-    /// A map stream of the node ended: offline when it was the last.
-    pub async fn stream_disconnected(&self, id: NodeId) -> Result<()> {
-        self.adjust_streams(id, -1).await
-    }
-
-    async fn adjust_streams(&self, id: NodeId, delta: i64) -> Result<()> {
+    /// Writes presence transitions decided by [`crate::presence`] in one transaction: one change per node whose
+    /// state actually flips (a node deleted meanwhile is skipped).
+    pub async fn set_presence(&self, online: &[NodeId], offline: &[NodeId]) -> Result<()> {
+        let now = now_unix();
         let mut w = self.write().await?;
-        let after: Option<i64> = sqlx::query_scalar(
-            "UPDATE nodes SET online_streams = CASE WHEN online_streams + $1 < 0 THEN 0 ELSE online_streams + $1 END, \
-             last_seen = $2 WHERE id = $3 RETURNING online_streams",
+        for (ids, value, kind) in [(online, 1i64, ChangeKind::Online), (offline, 0, ChangeKind::Offline)] {
+            for &id in ids {
+                let flipped = sqlx::query(
+                    "UPDATE nodes SET online_streams = $1, last_seen = $2 WHERE id = $3 AND online_streams <> $1",
+                )
+                .bind(value)
+                .bind(now)
+                .bind(id)
+                .execute(&mut *w.tx)
+                .await?
+                .rows_affected();
+                if flipped > 0 {
+                    w.append_change(id, kind).await?;
+                }
+            }
+        }
+        w.commit().await
+    }
+
+    /// Nodes the database shows online (at start-up: those of the previous process, held online for a grace period).
+    pub async fn online_node_ids(&self) -> Result<Vec<NodeId>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM nodes WHERE online_streams > 0 ORDER BY id")
+                .fetch_all(self.pool())
+                .await?,
         )
-        .bind(delta)
-        .bind(now_unix())
-        .bind(id)
-        .fetch_optional(&mut *w.tx)
-        .await?;
-        match after {
-            Some(1) if delta > 0 => {
-                w.append_change(id, ChangeKind::Online).await?;
-            }
-            Some(0) if delta < 0 => {
-                w.append_change(id, ChangeKind::Offline).await?;
-            }
-            _ => {}
-        }
-        w.commit().await?;
-        Ok(())
-    }
-
-    /// Marks every node offline: at start-up no stream of this process exists yet. (With several replicas on one
-    /// PostgreSQL database this must become per-replica presence with expiry; see ARCHITECTURE.md.)
-    pub async fn reset_presence(&self) -> Result<()> {
-        let mut w = self.write().await?;
-        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM nodes WHERE online_streams > 0")
-            .fetch_all(&mut *w.tx)
-            .await?;
-        sqlx::query("UPDATE nodes SET online_streams = 0 WHERE online_streams > 0")
-            .execute(&mut *w.tx)
-            .await?;
-        for id in ids {
-            w.append_change(id, ChangeKind::Offline).await?;
-        }
-        w.commit().await?;
-        Ok(())
     }
 
     /// The network nodes were allocated from, if any node exists outside `network` (a changed `--network`).
