@@ -4,7 +4,8 @@
 #      must rotate to the live candidate and B must learn A's endpoint. Then ping and a TCP transfer (iperf3) across
 #      the overlay 10.77.0.0/16, counters sane; a handshake flood gets cookie replies while ping keeps working; peer
 #      removal stops traffic within 2 s (and re-adding restores it); B changes its underlay address and A follows
-#      (roaming); optionally (LONG_PING_SECONDS=150) a ping across the 120 s rekey;
+#      (roaming); two agent engines (--agent) find and confirm the direct path with disco; optionally
+#      (LONG_PING_SECONDS=150) a ping across the 120 s rekey;
 #   2. interop: side B replaced by stock wireguard-go + wg, ping and TCP again;
 #   3. baseline: both sides wireguard-go, TCP throughput in the same setup.
 # Usage (as root, from the repository root): node/examples/engine_netns_test.sh [path/to/engine_pair]
@@ -179,6 +180,32 @@ check_ping "$NA" "$OB" "after B moved, A reaches B"
 sleep 1.2
 ep=$(status_field "$TMP/$TA.json" 's["peers"][0]["endpoint"]')
 if [ "$ep" = "$UB:$PORT" ]; then pass "roaming: A's endpoint for B is now $ep"; else fail "roaming: A's endpoint for B is $ep"; fi
+
+# Agent peers: disco pings/pongs over the real socket pick and confirm the direct path (no relay here). A's first
+# candidate for B is dead, B has none for A (it learns A from A's authenticated pings). A second pair of engines on
+# another port and overlay, beside the first.
+echo "== meshd agents (disco path selection)"
+AP=51821; AA="ag${ID}a"; AB="ag${ID}b"
+ina "$BIN" run --private-key "$KA" --address 10.78.0.1 --network 10.78.0.0/16 --listen-port $AP --interface "$AA" \
+  --peer "$PB,10.78.0.2/32,$DEAD:$AP+$UB:$AP" --status-file "$TMP/$AA.json" --agent >"$TMP/agent-a.log" 2>&1 &
+agent_a=$!; PIDS+=("$agent_a"); wait_link "$NA" "$AA"
+inb "$BIN" run --private-key "$KB" --address 10.78.0.2 --network 10.78.0.0/16 --listen-port $AP --interface "$AB" \
+  --peer "$PA,10.78.0.1/32" --status-file "$TMP/$AB.json" --agent >"$TMP/agent-b.log" 2>&1 &
+agent_b=$!; PIDS+=("$agent_b"); wait_link "$NB" "$AB"
+wait_ping "$NA" 10.78.0.2 20 "agents: A reaches B"
+check_ping "$NB" 10.78.0.1 "agents: B reaches A"
+sleep 1.5
+python3 - "$TMP/$AA.json" "$UB:$AP" "$TMP/$AB.json" "$UA:$AP" <<'PY' && pass "agents: both paths direct, confirmed by disco (RTT known), no disco rejected" || fail "agents: status"
+import json, sys
+for path, want in ((sys.argv[1], sys.argv[2]), (sys.argv[3], sys.argv[4])):
+    s = json.load(open(path))
+    p = s["peers"][0]
+    print("  ", path.split("/")[-1], "path", p["path"], "endpoint", p["endpoint"], "latency_ms", p["latency_ms"],
+          "direct_peers", s["direct_peers"], "relayed_peers", s["relayed_peers"])
+    assert p["path"] == "direct" and p["endpoint"] == want and p["latency_ms"] is not None, p
+    assert s["direct_peers"] == 1 and s["relayed_peers"] == 0 and s["counters"]["rejected_disco"] == 0
+PY
+stop_pid "$agent_a"; stop_pid "$agent_b"
 
 if [ "${LONG_PING_SECONDS:-0}" -gt 0 ]; then
   n=$((LONG_PING_SECONDS * 5))
