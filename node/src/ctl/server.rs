@@ -130,10 +130,13 @@ pub fn status_report(agent: &AgentState) -> StatusReport {
                         name: peer.name.clone(),
                         ip: peer.ip,
                         public_key: peer.public_key.to_base64(),
-                        endpoint: live
-                            .and_then(|p| p.endpoint)
-                            .or_else(|| peer.endpoints.first().copied())
-                            .map(|e| e.to_string()),
+                        // The engine's direct address as it is (null on the relay); the map's first candidate
+                        // only while the engine does not know the peer yet.
+                        endpoint: match live {
+                            Some(live) => live.endpoint,
+                            None => peer.endpoints.first().copied(),
+                        }
+                        .map(|e| e.to_string()),
                         path: live.map_or("none", |p| p.path).to_string(),
                         latency_ms,
                         relay_rx_bytes,

@@ -181,3 +181,45 @@ async fn stun_mapped_address_is_reported_and_netcheck_sees_it() {
     run_alpha.stop().await;
     run_beta.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netcheck_without_an_agent_runs_standalone_and_says_so() {
+    let coordinator = Coordinator::start(false);
+    let token = coordinator.token(&[]);
+    let node = Node::enrol(&token, "delta").await.expect("joins");
+    let root = node.state.root().to_path_buf();
+    let run = move |args: &'static [&'static str]| {
+        let root = root.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_meshd"))
+                .arg("--state-dir")
+                .arg(&root)
+                .args(args)
+                .env_remove("MESHD_STATE_DIR")
+                .output()
+                .expect("run meshd")
+        })
+    };
+    let out = run(&["netcheck", "--json"]).await.expect("join");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(json["source"], "standalone");
+    assert_eq!(json["udp_reachable"], true, "{json}");
+    assert_eq!(json["mapping"], "endpoint_independent", "one socket, loopback: {json}");
+    assert!(json["relay"].is_null(), "{json}");
+    let out = run(&["netcheck"]).await.expect("join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("agent is not running: standalone check"), "{text}");
+    assert!(text.contains("UDP:      reachable"), "{text}");
+
+    // Not joined: nothing to check against, and the message says what to do.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshd"))
+        .arg("--state-dir")
+        .arg(empty.path())
+        .arg("netcheck")
+        .env_remove("MESHD_STATE_DIR")
+        .output()
+        .expect("run meshd");
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+}
