@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match args.command {
         Command::Serve(serve) => {
+            raise_open_files_limit();
             let file = config::load_file(&args.common)?;
             let config = config::serve(&args.common, &serve, &file)?;
             let listener = TcpListener::bind(config.listen).with_context(|| {
@@ -32,6 +33,37 @@ async fn main() -> anyhow::Result<()> {
         Command::Apikey(command) => cli::apikey(&cli::storage_for(&args.common)?, command).await,
         Command::Token(command) => cli::token(&cli::storage_for(&args.common)?, command).await,
         Command::Node(command) => cli::node(&cli::storage_for(&args.common)?, command).await,
+    }
+}
+
+/// Every node holds a map stream (one socket) open: raise the soft limit of open files to the hard limit (often 1024
+/// soft against 500,000 hard), so the number of nodes is not capped by a default meant for interactive shells.
+#[allow(unsafe_code)]
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed, which lives on this stack frame.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(
+            open_files = limit.rlim_max,
+            "raised the open-files limit to the hard limit"
+        );
+    } else {
+        tracing::warn!(
+            soft = limit.rlim_cur,
+            "could not raise the open-files limit; each node's map stream needs one"
+        );
     }
 }
 
