@@ -26,15 +26,15 @@ use super::path::{PollOutput, Route};
 use super::peers::{Destination, Peer, PeerState};
 use super::udp::SendBatch;
 
-/// Room for one sealed ping (62 B header + 13 B plaintext + 16 B tag).
-const PING_BUF: usize = 128;
+/// Room for one sealed ping (62 B header + 13 B plaintext + 16 B tag) or a handshake initiation (148 B).
+const PROBE_BUF: usize = 160;
 
 /// Reusable scratch for one tick's probes.
 #[derive(Default)]
 struct Probes {
     poll: PollOutput,
     /// Sealed pings waiting to be put into the send batch once the peer's lock is released.
-    pings: Vec<(SocketAddr, usize, [u8; PING_BUF])>,
+    pings: Vec<(SocketAddr, usize, [u8; PROBE_BUF])>,
 }
 
 /// boringtun's timers are meant to be driven about every 250 ms (its own device does so).
@@ -80,7 +80,7 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
 /// CallMeMaybe (straight to the relay queue), and the path-change log line.
 fn probe_peer(shared: &Shared, peer: &Peer, probes: &mut Probes, now: Instant) {
     let mut state = peer.lock();
-    let name = state.name.clone();
+    let state = &mut *state;
     let Some(agent) = state.agent.as_mut() else {
         return;
     };
@@ -96,7 +96,7 @@ fn probe_peer(shared: &Shared, peer: &Peer, probes: &mut Probes, now: Instant) {
     agent.path.poll(now, relay_connected, &mut probes.poll);
     for &to in &probes.poll.pings {
         let tx = TxId(rand::random());
-        let mut buf = [0u8; PING_BUF];
+        let mut buf = [0u8; PROBE_BUF];
         match agent.disco.seal_into(
             &DiscoMessage::Ping { tx },
             &our_key,
@@ -119,15 +119,29 @@ fn probe_peer(shared: &Shared, peer: &Peer, probes: &mut Probes, now: Instant) {
         tracing::debug!(peer = ?peer.public_key, "call-me-maybe sent");
         shared.send_relay(peer.public_key, &sealed);
     }
-    if let Some(route) = agent.path.route_changed(now, relay_connected) {
-        match route {
-            Route::Direct(addr) => {
-                let rtt_ms = agent.path.latency().map(|rtt| rtt.as_secs_f64() * 1000.0);
-                tracing::info!(peer = ?peer.public_key, %name, %addr, ?rtt_ms, "peer {name} path direct {addr}");
+    let Some(route) = agent.path.route_changed(now, relay_connected) else {
+        return;
+    };
+    let name = &state.name;
+    match route {
+        Route::Direct(addr) => {
+            let rtt_ms = agent.path.latency().map(|rtt| rtt.as_secs_f64() * 1000.0);
+            tracing::info!(peer = ?peer.public_key, %name, %addr, ?rtt_ms, "peer {name} path direct {addr}");
+            // Without a relay, a handshake still waiting on an unanswered candidate would retry only after
+            // REKEY_TIMEOUT (5 s): now that disco confirmed an address, initiate there at once. (With a relay the
+            // initiation already went through it; a new one would only restart that handshake.)
+            let confirmed = agent.path.trusted_best(now) == Some(addr);
+            if confirmed && !relay_connected && state.tunn.time_since_last_handshake().is_none() {
+                let mut buf = [0u8; PROBE_BUF];
+                if let TunnResult::WriteToNetwork(init) = state.tunn.format_handshake_initiation(&mut buf, true) {
+                    let len = init.len();
+                    state.note_sent(len, now);
+                    probes.pings.push((addr, len, buf));
+                }
             }
-            Route::Relay => tracing::info!(peer = ?peer.public_key, %name, "peer {name} path relay"),
-            Route::Nowhere => tracing::info!(peer = ?peer.public_key, %name, "peer {name} has no path"),
         }
+        Route::Relay => tracing::info!(peer = ?peer.public_key, %name, "peer {name} path relay"),
+        Route::Nowhere => tracing::info!(peer = ?peer.public_key, %name, "peer {name} has no path"),
     }
 }
 
