@@ -146,6 +146,10 @@ impl Coordinator {
         if !self.tls {
             command.arg("--no-tls");
         }
+        if self.knows_flag("--no-stun") {
+            // STUN listens on fixed UDP ports by default: not needed here, and runs must not collide.
+            command.arg("--no-stun");
+        }
         let child = command.spawn().with_context(|| {
             format!(
                 "starting {} (build it: cargo build --release -p meshd-coordinator)",
@@ -178,6 +182,14 @@ impl Coordinator {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Whether `serve` of this binary takes `flag` (older builds, measured for comparison, lack newer flags).
+    fn knows_flag(&self, flag: &str) -> bool {
+        Command::new(&self.binary)
+            .args(["serve", "--help"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
     }
 
     /// SIGTERM, then waits (bounded) for the exit; SIGKILL if it does not come.
@@ -256,9 +268,23 @@ fn signal(pid: u32, signal: libc::c_int) {
     }
 }
 
-/// Raises this process's soft limit of open files to the hard limit (one socket per simulated node).
+/// Raises this process's soft limit of open files to the hard limit (one socket per simulated node); as root, first
+/// the hard limit itself to the kernel's maximum (`fs.nr_open`). The coordinator child inherits the limits.
 #[allow(unsafe_code)]
 pub fn raise_nofile_limit() -> u64 {
+    let kernel_max: Option<libc::rlim_t> = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    if let Some(max) = kernel_max {
+        let wanted = libc::rlimit {
+            rlim_cur: max,
+            rlim_max: max,
+        };
+        // SAFETY: setrlimit only reads the struct passed; without the privilege it fails and nothing changes.
+        unsafe {
+            libc::setrlimit(libc::RLIMIT_NOFILE, &wanted);
+        }
+    }
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

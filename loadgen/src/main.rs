@@ -167,7 +167,7 @@ fn load_average() -> String {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let nofile = coordinator::raise_nofile_limit();
-    if u64::from(args.nodes) * 2 + 256 > nofile {
+    if u64::from(args.nodes) + 256 > nofile {
         eprintln!(
             "warning: the open-files limit is {nofile}; {} streams may not fit (raise the hard limit: ulimit -Hn)",
             args.nodes
