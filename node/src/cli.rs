@@ -95,7 +95,9 @@ pub fn status_table(report: &StatusReport) -> String {
         me.coordinator,
     );
     if report.peers.is_empty() {
-        out.push_str("no peers yet\n");
+        out.push_str("no peers yet; ");
+        out.push_str(&relay_state(report));
+        out.push('\n');
         return out;
     }
     let rows: Vec<[String; 7]> = report
@@ -144,14 +146,7 @@ fn path_cell(peer: &crate::ctl::PeerReport) -> String {
 /// `2 peers: 1 direct, 1 relayed (3.2 KiB through the relay); relay connected (12.0 ms)`.
 fn totals_line(report: &StatusReport) -> String {
     let totals = &report.self_node.totals;
-    let relay = match &report.self_node.relay {
-        Some(r) if r.connected => match r.latency_ms {
-            Some(ms) => format!("relay connected ({ms:.1} ms)"),
-            None => "relay connected".to_string(),
-        },
-        Some(_) => "relay not connected".to_string(),
-        None => "relay unknown".to_string(),
-    };
+    let relay = relay_state(report);
     format!(
         "{} peers: {} direct, {} relayed ({} through the relay); {relay}\n",
         report.peers.len(),
@@ -159,6 +154,18 @@ fn totals_line(report: &StatusReport) -> String {
         totals.relayed_peers,
         human_bytes(totals.relayed_bytes),
     )
+}
+
+/// `relay connected (12.0 ms)` / `relay not connected`.
+fn relay_state(report: &StatusReport) -> String {
+    match &report.self_node.relay {
+        Some(r) if r.connected => match r.latency_ms {
+            Some(ms) => format!("relay connected ({ms:.1} ms)"),
+            None => "relay connected".to_string(),
+        },
+        Some(_) => "relay not connected".to_string(),
+        None => "relay unknown".to_string(),
+    }
 }
 
 async fn netcheck(state: &StateDir, args: &NetcheckArgs) -> Result<(), Failure> {

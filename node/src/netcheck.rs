@@ -18,6 +18,11 @@ use serde::{Deserialize, Serialize};
 use crate::control::{ControlClient, ControlError};
 use crate::relay::RelaySnapshot;
 
+/// Milliseconds with microsecond precision (JSON without float noise).
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
 /// How long a STUN server has to answer (design section 7: "any STUN answer within 3 s").
 pub const STUN_TIMEOUT: Duration = Duration::from_secs(3);
 /// When a standalone probe resends its request (UDP may lose one), counted from the first send.
@@ -271,7 +276,7 @@ where
         let answer = probe(*server);
         async move {
             let result = answer.await;
-            let rtt_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+            let rtt_ms = Some(millis(started.elapsed()));
             match result {
                 Ok(mapped) => StunProbe {
                     server: *server,
@@ -351,7 +356,7 @@ pub async fn standalone_probes(servers: &[SocketAddr], timeout: Duration) -> std
             (Some((mapped, rtt)), _) => StunProbe {
                 server: *server,
                 mapped: Some(*mapped),
-                rtt_ms: Some(rtt.as_secs_f64() * 1000.0),
+                rtt_ms: Some(millis(*rtt)),
                 error: None,
             },
             (None, error) => StunProbe {
