@@ -228,6 +228,8 @@ pub struct ServeConfig {
     /// How long a node stays online after its last map stream closed (and after a restart, for the nodes that were
     /// online): one that reconnects within it never goes offline (see `presence`).
     pub presence_grace: Duration,
+    /// Relay keepalive and idle timeout (not flags: tuning knobs for embedding and tests).
+    pub relay_timers: crate::relay::RelayTimers,
     /// Handler time limit (not a flag: a tuning knob for embedding and tests).
     pub request_timeout: Duration,
 }
@@ -249,6 +251,7 @@ impl ServeConfig {
             stun_ports: vec![0, 0],
             relay: true,
             presence_grace: crate::presence::DEFAULT_GRACE,
+            relay_timers: crate::relay::RelayTimers::default(),
             request_timeout: crate::http::REQUEST_TIMEOUT,
         }
     }
@@ -365,6 +368,7 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
         stun_ports,
         relay,
         presence_grace: crate::presence::DEFAULT_GRACE,
+        relay_timers: crate::relay::RelayTimers::default(),
         request_timeout: crate::http::REQUEST_TIMEOUT,
     })
 }

@@ -122,7 +122,7 @@ pub async fn run(
         .inspect_err(|_| cancel.cancel())?;
     let relay = config
         .relay
-        .then(|| relay::Relay::start(store.clone(), &broker, cancel.clone()));
+        .then(|| relay::Relay::start(store.clone(), &broker, config.relay_timers, cancel.clone()));
     let state = http::AppState::new(http::StateInner {
         store: store.clone(),
         broker,

@@ -39,6 +39,22 @@ pub const QUEUE_FRAMES: usize = 512;
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 /// A connection from which nothing was read for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often the server pings and how long a silent connection lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayTimers {
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for RelayTimers {
+    fn default() -> Self {
+        Self {
+            ping_interval: PING_INTERVAL,
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
+
 /// At most one `PeerGone` per destination key per connection in this interval.
 const PEER_GONE_INTERVAL: Duration = Duration::from_secs(1);
 /// Read buffer: room for two maximum frames, so a partial frame can always be completed after compaction.
@@ -86,6 +102,7 @@ pub struct Relay {
     conns: RwLock<HashMap<PublicKey, Registration>>,
     next_conn: AtomicU64,
     store: Store,
+    timers: RelayTimers,
     shutdown: CancellationToken,
     packets: AtomicU64,
     bytes: AtomicU64,
@@ -111,11 +128,12 @@ enum Undelivered {
 impl Relay {
     /// A relay whose connections end with `shutdown`; it watches `broker` to close the connections of nodes deleted
     /// or re-keyed, re-checking credentials in `store`.
-    pub fn start(store: Store, broker: &Broker, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn start(store: Store, broker: &Broker, timers: RelayTimers, shutdown: CancellationToken) -> Arc<Self> {
         let relay = Arc::new(Self {
             conns: RwLock::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             store,
+            timers,
             shutdown,
             packets: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -158,7 +176,7 @@ impl Relay {
         let (reader, writer) = tokio::io::split(io);
         let reason = tokio::select! {
             () = close.cancelled() => "closed by the coordinator (replaced, node removed, or shutdown)",
-            reason = write_loop(writer, outbound, identity.key) => reason,
+            reason = write_loop(writer, outbound, identity.key, self.timers.ping_interval) => reason,
             reason = self.read_loop(reader, &identity, &queue) => reason,
         };
         self.unregister(identity.key, conn_id);
@@ -308,7 +326,7 @@ impl Relay {
                 buf.copy_within(start..end, 0);
                 (start, end) = (0, end - start);
             }
-            let read = tokio::time::timeout(IDLE_TIMEOUT, reader.as_mut().read(&mut buf[end..])).await;
+            let read = tokio::time::timeout(self.timers.idle_timeout, reader.as_mut().read(&mut buf[end..])).await;
             match read {
                 Err(_) => return "idle timeout",
                 Ok(Ok(0)) => return "closed by the client",
@@ -371,15 +389,20 @@ async fn watch_changes(relay: Arc<Relay>, mut changes: broadcast::Receiver<Arc<c
     }
 }
 
-/// Writes the hello, then queued frames (batched into one write per wakeup) and a ping every [`PING_INTERVAL`].
-async fn write_loop<W: AsyncWrite>(writer: W, mut outbound: mpsc::Receiver<Outbound>, key: PublicKey) -> &'static str {
+/// Writes the hello, then queued frames (batched into one write per wakeup) and a ping every `ping_interval`.
+async fn write_loop<W: AsyncWrite>(
+    writer: W,
+    mut outbound: mpsc::Receiver<Outbound>,
+    key: PublicKey,
+    ping_interval: Duration,
+) -> &'static str {
     tokio::pin!(writer);
     let mut out = Vec::with_capacity(WRITE_BATCH + relay::FRAME_HEADER_LEN + relay::MAX_FRAME_PAYLOAD);
     RelayFrame::ServerHello { key }.encode(&mut out);
     if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
         return "write error";
     }
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     let mut pings_sent: u64 = 0;
     loop {
         out.clear();

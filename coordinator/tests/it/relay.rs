@@ -23,6 +23,7 @@ both_backends! {
     relay_closes_a_deleted_nodes_connection => relay_closes_a_deleted_nodes_connection;
     relay_peer_gone_ping_and_replacement => relay_peer_gone_ping_and_replacement;
     relay_drops_a_flood_to_a_slow_receiver_without_stalling_others => relay_drops_a_flood_to_a_slow_receiver_without_stalling_others;
+    relay_pings_and_closes_silent_connections => relay_pings_and_closes_silent_connections;
 }
 
 /// A frame as the test client reads it.
@@ -449,5 +450,58 @@ async fn relay_drops_a_flood_to_a_slow_receiver_without_stalling_others(backend:
         .expect("queue_full drop counter present");
     assert!(dropped > 0.0, "datagrams to the slow receiver were dropped");
     drop((flooder, slow));
+    c.stop().await;
+}
+
+async fn relay_pings_and_closes_silent_connections(backend: Backend) {
+    let db = TestDb::new(&backend).await;
+    let c = Coord::start_with(&db, |config| {
+        config.relay_timers = meshd_coordinator::relay::RelayTimers {
+            ping_interval: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(800),
+        };
+    })
+    .await;
+    let token = c.token(json!({"reusable": true})).await;
+    let a = c.join(&token, &key(1), "a").await;
+    let b = c.join(&token, &key(2), "b").await;
+    let mut answering = RelayConn::connect(&c, &a.credential).await;
+    let mut silent = RelayConn::connect(&c, &b.credential).await;
+
+    // The answering client sees the server's pings and, by answering them, outlives the idle timeout twice over.
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut pings = 0;
+    while Instant::now() < until {
+        match answering.next(until.saturating_duration_since(Instant::now())).await {
+            Got::Ping(data) => {
+                pings += 1;
+                answering.write_frame(RelayFrame::Pong { data }).await;
+            }
+            Got::Timeout => break,
+            other => panic!("answering client: unexpected {other:?}"),
+        }
+    }
+    assert!(pings >= 5, "server pings every 200 ms (saw {pings} in 2 s)");
+    answering.write_frame(RelayFrame::Ping { data: [7; 8] }).await;
+    loop {
+        match answering.next(Duration::from_secs(2)).await {
+            Got::Ping(_) => {}
+            got => {
+                assert_eq!(got, Got::Pong([7; 8]), "still open after 2 s");
+                break;
+            }
+        }
+    }
+    // The silent client (it only read) was closed after the idle timeout.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match silent.next(deadline.saturating_duration_since(Instant::now())).await {
+            Got::Ping(_) => {}
+            got => {
+                assert_eq!(got, Got::Closed, "a silent connection is closed after the idle timeout");
+                break;
+            }
+        }
+    }
     c.stop().await;
 }
