@@ -434,13 +434,19 @@ impl PathState {
     /// Replaces the candidates of one source (keeping what is known about addresses that stay); true if the set
     /// changed.
     fn replace_source(&mut self, source: Source, endpoints: &[SocketAddr]) -> bool {
-        let before: Vec<SocketAddr> = self
+        let endpoints: Vec<SocketAddr> = endpoints.iter().copied().filter(usable_endpoint).collect();
+        let endpoints = endpoints.as_slice();
+        let mut before: Vec<SocketAddr> = self
             .candidates
             .iter()
             .filter(|c| c.source == source)
             .map(|c| c.addr)
             .collect();
-        if before == endpoints {
+        let mut after = endpoints.to_vec();
+        before.sort();
+        after.sort();
+        after.dedup();
+        if before == after {
             return false;
         }
         self.candidates
