@@ -251,6 +251,12 @@ impl Lab {
             n.ip(&["addr", "add", &format!("198.19.{k}.1/24"), "dev", "lan0"])?;
             n.ip(&["link", "set", "lan0", "up"])?;
             n.sysctl("net.ipv4.ip_forward", "1")?;
+            // A router's WAN firewall: unsolicited packets to the NAT itself never become conntrack entries
+            // (see natlab.rs for why that matters to hole punching).
+            cmd::run_ok(
+                n.command("iptables").args(["-A", "INPUT", "-i", "eth0", "-j", "DROP"]),
+                netns::IP_TIMEOUT,
+            )?;
             cmd::run_ok(
                 n.command("iptables")
                     .args(["-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"]),

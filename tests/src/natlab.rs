@@ -188,6 +188,12 @@ impl Lab {
             subnet: k,
             hosts: Cell::new(0),
         };
+        // Like every home router's WAN firewall: unsolicited packets to the router itself are dropped in the
+        // filter table, so they never become conntrack entries. Without this, a hole-punching probe that arrives
+        // before the inside host's own first packet is accepted locally (and answered with ICMP port unreachable),
+        // its entry is confirmed, and it then occupies the mapping MASQUERADE wanted: the host's flow gets
+        // remapped to a random port and an endpoint-independent NAT behaves endpoint-dependently for that peer.
+        site.iptables(&["-A", "INPUT", "-i", "eth0", "-j", "DROP"])?;
         site.iptables(&["-N", BLOCK_CHAIN])?;
         site.iptables(&["-A", "FORWARD", "-j", BLOCK_CHAIN])?;
         match kind {
@@ -337,6 +343,37 @@ impl NatSite {
         self.run_in_nat("conntrack", &["-F"]).map(drop)
     }
 
+    /// A router reboot: the NAT comes back mapping UDP into `ports` (e.g. `"20000-29999"`, so every flow gets a
+    /// new outside port) and has forgotten every mapping. Masquerading sites only.
+    pub fn reboot_with_new_ports(&self, ports: &str) -> Result<()> {
+        let random = match self.kind {
+            NatKind::EndpointIndependent => None,
+            NatKind::EndpointDependent => Some("--random-fully"),
+            NatKind::OneToOne => bail!("site {}: a 1:1 NAT keeps its ports", self.name),
+        };
+        self.iptables(&["-t", "nat", "-F", "POSTROUTING"])?;
+        let mut udp = vec![
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            "eth0",
+            "-p",
+            "udp",
+            "-j",
+            "MASQUERADE",
+            "--to-ports",
+            ports,
+        ];
+        udp.extend(random);
+        self.iptables(&udp)?;
+        let mut other = vec!["-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"];
+        other.extend(random);
+        self.iptables(&other)?;
+        self.flush_mappings()
+    }
+
     /// The NAT's UDP conntrack entries (`conntrack -L -p udp`), one per line.
     pub fn udp_mappings(&self) -> Result<Vec<String>> {
         let out = cmd::run(
@@ -355,12 +392,13 @@ impl NatSite {
     }
 
     /// The UDP mappings between `inside` (a host of this site) and `remote` (an internet address) that saw
-    /// traffic both ways (conntrack's `[ASSURED]`), as `(inside port, mapped port)` with the full lines.
-    pub fn assured_flows(&self, inside: Ipv4Addr, remote: Ipv4Addr) -> Result<Vec<(Mapping, String)>> {
+    /// traffic both ways (no `[UNREPLIED]`; conntrack only marks a UDP flow `[ASSURED]` after it has lasted 2 s),
+    /// as `(inside port, mapped port)` with the full lines.
+    pub fn two_way_flows(&self, inside: Ipv4Addr, remote: Ipv4Addr) -> Result<Vec<(Mapping, String)>> {
         Ok(self
             .udp_mappings()?
             .into_iter()
-            .filter(|l| l.contains("[ASSURED]"))
+            .filter(|l| !l.contains("[UNREPLIED]"))
             .filter_map(|l| Mapping::parse(&l, inside, remote).map(|m| (m, l)))
             .collect())
     }
