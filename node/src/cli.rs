@@ -71,6 +71,8 @@ async fn status(state: &StateDir, args: &StatusArgs) -> Result<(), Failure> {
     if args.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| anyhow!("encoding status: {e}"))?;
         println!("{json}");
+    } else if args.prometheus {
+        print!("{}", crate::exposition::render(&report));
     } else {
         print!("{}", status_table(&report));
     }
@@ -320,8 +322,6 @@ async fn leave(state: &StateDir, args: &LeaveArgs) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ctl::{PeerReport, SelfStatus};
-    use crate::daemon::Phase;
 
     #[test]
     fn formats_bytes() {
@@ -332,67 +332,7 @@ mod tests {
 
     #[test]
     fn table_has_one_row_per_peer() {
-        let key = PublicKey::from_bytes([5; 32]).to_base64();
-        let report = StatusReport {
-            self_node: SelfStatus {
-                name: "laptop".into(),
-                ip: "10.77.0.2".parse().expect("ip"),
-                public_key: key.clone(),
-                node_id: 2,
-                network: "10.77.0.0/16".into(),
-                interface: "mesh0".into(),
-                listen_port: 51820,
-                state: Phase::Degraded,
-                coordinator: "https://198.18.0.1:8443".into(),
-                map_version: Some(7),
-                tags: vec![],
-                counters: serde_json::json!({}),
-                relay: Some(crate::relay::RelaySnapshot {
-                    connected: true,
-                    latency_ms: Some(12.0),
-                    last_error: None,
-                    dropped_inbound: 0,
-                }),
-                endpoints: vec!["198.18.1.2:51820".into()],
-                totals: crate::ctl::PathTotals {
-                    direct_peers: 1,
-                    relayed_peers: 1,
-                    relayed_bytes: 3 * 1024,
-                },
-            },
-            peers: vec![
-                PeerReport {
-                    name: "gpu".into(),
-                    ip: "10.77.0.3".parse().expect("ip"),
-                    public_key: key.clone(),
-                    endpoint: Some("198.18.2.2:51820".into()),
-                    path: "direct".into(),
-                    latency_ms: Some(0.42),
-                    relay_rx_bytes: 0,
-                    relay_tx_bytes: 0,
-                    last_handshake: Some(12),
-                    rx_bytes: 2048,
-                    tx_bytes: 0,
-                    online: true,
-                    id: 3,
-                },
-                PeerReport {
-                    name: "laptop2".into(),
-                    ip: "10.77.0.4".parse().expect("ip"),
-                    public_key: key,
-                    endpoint: Some("198.18.3.3:51820".into()),
-                    path: "relay".into(),
-                    latency_ms: None,
-                    relay_rx_bytes: 1024,
-                    relay_tx_bytes: 2048,
-                    last_handshake: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                    online: true,
-                    id: 4,
-                },
-            ],
-        };
+        let report = crate::ctl::sample_status();
         let table = status_table(&report);
         assert!(table.starts_with("laptop 10.77.0.2 pk:"), "{table}");
         assert!(table.contains("degraded") && table.contains("map v7"), "{table}");

@@ -83,8 +83,12 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Print one JSON object (`self` and `peers`) instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prometheus")]
     pub json: bool,
+    /// Print Prometheus text exposition (peers by path, relayed bytes, per-peer traffic) for node_exporter's
+    /// textfile collector.
+    #[arg(long)]
+    pub prometheus: bool,
 }
 
 #[derive(Debug, Args)]
@@ -136,7 +140,22 @@ mod tests {
 
         let cli = Cli::try_parse_from(["meshd", "status", "--json", "--state-dir", "/tmp/x"]).expect("parses");
         assert_eq!(cli.state_dir, PathBuf::from("/tmp/x"));
-        assert!(matches!(cli.command, Command::Status(StatusArgs { json: true })));
+        assert!(matches!(
+            cli.command,
+            Command::Status(StatusArgs {
+                json: true,
+                prometheus: false
+            })
+        ));
+        let cli = Cli::try_parse_from(["meshd", "status", "--prometheus"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Status(StatusArgs { prometheus: true, .. })
+        ));
+        assert!(
+            Cli::try_parse_from(["meshd", "status", "--json", "--prometheus"]).is_err(),
+            "one output format at a time"
+        );
 
         let cli = Cli::try_parse_from(["meshd", "ping", "gpu", "-c", "2"]).expect("parses");
         let Command::Ping(p) = cli.command else { panic!("ping") };

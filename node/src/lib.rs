@@ -38,6 +38,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod endpoints;
 pub mod engine;
+pub mod exposition;
 pub mod follow;
 pub mod keys;
 pub mod netcheck;

@@ -200,3 +200,73 @@ mod tests {
         assert!(matches!(error, Reply::Error(m) if m == "boom"));
     }
 }
+
+/// A status report with one direct and one relayed peer, for the formatting tests.
+#[cfg(test)]
+pub(crate) fn sample_status() -> StatusReport {
+    use meshd_protocol::PublicKey;
+
+    use crate::daemon::Phase;
+
+    let key = PublicKey::from_bytes([5; 32]).to_base64();
+    StatusReport {
+        self_node: SelfStatus {
+            name: "laptop".into(),
+            ip: "10.77.0.2".parse().expect("ip"),
+            public_key: key.clone(),
+            node_id: 2,
+            network: "10.77.0.0/16".into(),
+            interface: "mesh0".into(),
+            listen_port: 51820,
+            state: Phase::Degraded,
+            coordinator: "https://198.18.0.1:8443".into(),
+            map_version: Some(7),
+            tags: vec![],
+            counters: serde_json::json!({}),
+            relay: Some(crate::relay::RelaySnapshot {
+                connected: true,
+                latency_ms: Some(12.0),
+                last_error: None,
+                dropped_inbound: 0,
+            }),
+            endpoints: vec!["198.18.1.2:51820".into()],
+            totals: crate::ctl::PathTotals {
+                direct_peers: 1,
+                relayed_peers: 1,
+                relayed_bytes: 3 * 1024,
+            },
+        },
+        peers: vec![
+            PeerReport {
+                name: "gpu".into(),
+                ip: "10.77.0.3".parse().expect("ip"),
+                public_key: key.clone(),
+                endpoint: Some("198.18.2.2:51820".into()),
+                path: "direct".into(),
+                latency_ms: Some(0.42),
+                relay_rx_bytes: 0,
+                relay_tx_bytes: 0,
+                last_handshake: Some(12),
+                rx_bytes: 2048,
+                tx_bytes: 0,
+                online: true,
+                id: 3,
+            },
+            PeerReport {
+                name: "laptop2".into(),
+                ip: "10.77.0.4".parse().expect("ip"),
+                public_key: key,
+                endpoint: Some("198.18.3.3:51820".into()),
+                path: "relay".into(),
+                latency_ms: None,
+                relay_rx_bytes: 1024,
+                relay_tx_bytes: 2048,
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                online: true,
+                id: 4,
+            },
+        ],
+    }
+}

@@ -367,6 +367,22 @@ fn nat4_udp_blocked_uses_the_relay_over_tcp() {
             paths.a_to_b.is_relay() && paths.b_to_a.is_relay(),
             "UDP is blocked, yet the path is {paths}"
         );
+        // The metrics say the same: one relayed peer, and the SSH sessions' bytes went through the relay.
+        let metrics = pair.a().ctl(&["status", "--prometheus"])?;
+        let sample = |name: &str| -> Result<f64> {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .with_context(|| format!("no {name} in `meshd status --prometheus`:\n{metrics}"))
+        };
+        ensure!(
+            sample("meshd_peers{path=\"relay\"}")? == 1.0 && sample("meshd_peers{path=\"direct\"}")? == 0.0,
+            "metrics disagree with the relayed path:\n{metrics}"
+        );
+        ensure!(
+            sample("meshd_relayed_bytes_total")? > 10_000.0,
+            "two SSH sessions went through the relay, yet the metrics count few relayed bytes:\n{metrics}"
+        );
         Ok(())
     });
 }
