@@ -178,29 +178,6 @@ fn io_err(path: &Path, source: io::Error) -> CtlError {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wire_format_of_requests_and_replies() {
-        let json = serde_json::to_string(&Request::Ping {
-            target: "gpu".into(),
-            count: 2,
-            timeout_secs: 1,
-        })
-        .expect("json");
-        assert_eq!(json, r#"{"cmd":"ping","target":"gpu","count":2,"timeout_secs":1}"#);
-        assert_eq!(
-            serde_json::to_string(&Request::Status).expect("json"),
-            r#"{"cmd":"status"}"#
-        );
-        assert_eq!(serde_json::to_string(&Reply::Stopping).expect("json"), r#""stopping""#);
-        let error: Reply = serde_json::from_str(r#"{"error":"boom"}"#).expect("parse");
-        assert!(matches!(error, Reply::Error(m) if m == "boom"));
-    }
-}
-
 /// A status report with one direct and one relayed peer, for the formatting tests.
 #[cfg(test)]
 pub(crate) fn sample_status() -> StatusReport {
@@ -268,5 +245,28 @@ pub(crate) fn sample_status() -> StatusReport {
                 id: 4,
             },
         ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_of_requests_and_replies() {
+        let json = serde_json::to_string(&Request::Ping {
+            target: "gpu".into(),
+            count: 2,
+            timeout_secs: 1,
+        })
+        .expect("json");
+        assert_eq!(json, r#"{"cmd":"ping","target":"gpu","count":2,"timeout_secs":1}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Status).expect("json"),
+            r#"{"cmd":"status"}"#
+        );
+        assert_eq!(serde_json::to_string(&Reply::Stopping).expect("json"), r#""stopping""#);
+        let error: Reply = serde_json::from_str(r#"{"error":"boom"}"#).expect("parse");
+        assert!(matches!(error, Reply::Error(m) if m == "boom"));
     }
 }
