@@ -216,6 +216,13 @@ fn on_event(shared: &Shared, state: &StreamState, event: sse::Event) {
         return;
     }
     let Some(data) = event.data else { return };
+    // Deltas are only parsed while a change is being probed: the connect storm alone brings each stream up to N
+    // online changes (N^2 / 2 events in all), and parsing them would make the generator the bottleneck.
+    let full = data.starts_with(br#"{"type":"full""#);
+    let probe = shared.probe.read().unwrap_or_else(|p| p.into_inner());
+    if !full && probe.is_none() {
+        return;
+    }
     let Ok(message) = serde_json::from_slice::<MapMessage>(&data) else {
         return;
     };
@@ -224,7 +231,6 @@ fn on_event(shared: &Shared, state: &StreamState, event: sse::Event) {
         state.full_nodes.store(map.peers.len() as u64 + 1, Ordering::Release);
         return;
     }
-    let probe = shared.probe.read().unwrap_or_else(|p| p.into_inner());
     if probe.as_ref().is_some_and(|p| p.matches(&message)) {
         let _ = shared.arrivals.send(Arrival { at });
     }
