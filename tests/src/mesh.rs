@@ -377,6 +377,8 @@ pub struct Mesh {
     pub nodes: Vec<MeshNode>,
     pub coordinator: Coordinator,
     pub token: String,
+    /// When the last agent had been launched (`meshd join`): what "time to a path" is measured from.
+    pub launched: Instant,
 }
 
 impl Mesh {
@@ -407,6 +409,7 @@ impl Mesh {
                 i + 1,
             )?);
         }
+        let launched = Instant::now();
         for node in &mut nodes {
             node.wait_joined(START_TIMEOUT)?;
         }
@@ -415,8 +418,9 @@ impl Mesh {
         }
         lab.assert_isolated()?;
         eprintln!(
-            "mesh of {n} nodes up in {:.1} s: {}",
+            "mesh of {n} nodes up in {:.1} s (all list each other {:.2} s after the agents were launched): {}",
             started.elapsed().as_secs_f64(),
+            launched.elapsed().as_secs_f64(),
             nodes
                 .iter()
                 .map(|n| format!("{}={}", n.hostname, n.ip()))
@@ -427,6 +431,7 @@ impl Mesh {
             nodes,
             coordinator,
             token,
+            launched,
         })
     }
 

@@ -197,20 +197,7 @@ impl Lab {
         site.iptables(&["-N", BLOCK_CHAIN])?;
         site.iptables(&["-A", "FORWARD", "-j", BLOCK_CHAIN])?;
         match kind {
-            NatKind::EndpointIndependent => {
-                site.iptables(&["-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"])?;
-            }
-            NatKind::EndpointDependent => site.iptables(&[
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-o",
-                "eth0",
-                "-j",
-                "MASQUERADE",
-                "--random-fully",
-            ])?,
+            NatKind::EndpointIndependent | NatKind::EndpointDependent => site.masquerade(&[])?,
             // The DNAT/SNAT pair names the inside host: installed by add_host.
             NatKind::OneToOne => {}
         }
@@ -343,34 +330,32 @@ impl NatSite {
         self.run_in_nat("conntrack", &["-F"]).map(drop)
     }
 
+    /// Appends a MASQUERADE rule for traffic leaving to the internet; `matches` go before the target except
+    /// `--to-ports`, which is the target's. Endpoint-dependent sites add `--random-fully` (a random port per flow).
+    fn masquerade(&self, extra: &[&str]) -> Result<()> {
+        let (matches, target_opts) = match extra.iter().position(|a| *a == "--to-ports") {
+            Some(i) => extra.split_at(i),
+            None => (extra, &[][..]),
+        };
+        let mut rule = vec!["-t", "nat", "-A", "POSTROUTING", "-o", "eth0"];
+        rule.extend(matches);
+        rule.extend(["-j", "MASQUERADE"]);
+        rule.extend(target_opts);
+        if self.kind == NatKind::EndpointDependent {
+            rule.push("--random-fully");
+        }
+        self.iptables(&rule)
+    }
+
     /// A router reboot: the NAT comes back mapping UDP into `ports` (e.g. `"20000-29999"`, so every flow gets a
     /// new outside port) and has forgotten every mapping. Masquerading sites only.
     pub fn reboot_with_new_ports(&self, ports: &str) -> Result<()> {
-        let random = match self.kind {
-            NatKind::EndpointIndependent => None,
-            NatKind::EndpointDependent => Some("--random-fully"),
-            NatKind::OneToOne => bail!("site {}: a 1:1 NAT keeps its ports", self.name),
-        };
+        if self.kind == NatKind::OneToOne {
+            bail!("site {}: a 1:1 NAT keeps its ports", self.name);
+        }
         self.iptables(&["-t", "nat", "-F", "POSTROUTING"])?;
-        let mut udp = vec![
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-o",
-            "eth0",
-            "-p",
-            "udp",
-            "-j",
-            "MASQUERADE",
-            "--to-ports",
-            ports,
-        ];
-        udp.extend(random);
-        self.iptables(&udp)?;
-        let mut other = vec!["-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"];
-        other.extend(random);
-        self.iptables(&other)?;
+        self.masquerade(&["-p", "udp", "--to-ports", ports])?;
+        self.masquerade(&[])?;
         self.flush_mappings()
     }
 

@@ -17,7 +17,7 @@
 //! 8. two nodes behind the same NAT: direct over their private addresses, not through the NAT.
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use meshd_lab::lab::{Host, Lab};
@@ -25,7 +25,7 @@ use meshd_lab::natlab::{NatKind, NatSite, nat_scenario};
 use meshd_lab::path::{self, PairPath, PeerPath, PingProbe};
 use meshd_lab::process::Process;
 use meshd_lab::ssh::SshServer;
-use meshd_lab::{Coordinator, Mesh, MeshNode, wait};
+use meshd_lab::{Mesh, MeshNode, wait};
 
 const SSH_TOOLS: &[&str] = &["conntrack", "sshd", "ssh", "ssh-keygen"];
 /// Scenario 1's bound.
@@ -33,8 +33,6 @@ const DIRECT_EIM: Duration = Duration::from_secs(5);
 /// How long a scenario watches for a direct path before it reports what it saw (longer than the bound it checks,
 /// so a slow success is measured rather than cut off).
 const OBSERVE: Duration = Duration::from_secs(20);
-/// How long an agent may take to join and list its peer.
-const START: Duration = Duration::from_secs(30);
 /// Scenario 5's bound.
 const UPGRADE: Duration = Duration::from_secs(30);
 /// Scenario 6's bound.
@@ -44,8 +42,6 @@ const RESUME: Duration = Duration::from_secs(10);
 struct Pair {
     mesh: Mesh,
     sites: [NatSite; 2],
-    /// When both agents had been started (`meshd join`).
-    launched: Instant,
 }
 
 impl Pair {
@@ -66,43 +62,8 @@ impl Pair {
             sites[1].outside
         );
         before_start(&sites)?;
-        // Mesh::start_on, with the moment both agents were launched kept, so the time to a direct path can be
-        // given from there as well as from "both up" (each lists the other).
-        let coordinator = Coordinator::start(lab, coord)?;
-        let token = coordinator.create_token(true)?;
-        let mut nodes = Vec::new();
-        for (i, host) in hosts.into_iter().enumerate() {
-            nodes.push(MeshNode::spawn_join(
-                lab,
-                host,
-                &token,
-                &format!("node{}", i + 1),
-                i + 1,
-            )?);
-        }
-        let launched = Instant::now();
-        for node in &mut nodes {
-            node.wait_joined(START)?;
-        }
-        for node in &mut nodes {
-            node.wait_peers(1, START)?;
-        }
-        lab.assert_isolated()?;
-        eprintln!(
-            "node1={} node2={} up; both list each other {:.2} s after both agents were launched",
-            nodes[0].ip(),
-            nodes[1].ip(),
-            launched.elapsed().as_secs_f64()
-        );
-        Ok(Self {
-            mesh: Mesh {
-                nodes,
-                coordinator,
-                token,
-            },
-            sites,
-            launched,
-        })
+        let mesh = Mesh::start_on(lab, coord, hosts)?;
+        Ok(Self { mesh, sites })
     }
 
     fn a(&self) -> &MeshNode {
@@ -254,7 +215,7 @@ fn nat1_endpoint_independent_both_sides_direct_within_5s() {
             "SCENARIO 1 (EIM + EIM): direct {:.2} s after both were up ({:.2} s after both agents were launched): \
              {paths}",
             elapsed.as_secs_f64(),
-            pair.launched.elapsed().as_secs_f64()
+            pair.mesh.launched.elapsed().as_secs_f64()
         );
         pair.wait_connected(Duration::from_secs(5))?;
         pair.verify_direct(&path::pair_path(pair.a(), pair.b())?)?;
@@ -276,7 +237,7 @@ fn nat2_one_to_one_nat_and_endpoint_dependent_go_direct() {
             "SCENARIO 2 (1:1 NAT GPU server + EDM laptop): direct {:.2} s after both were up ({:.2} s after both \
              agents were launched): {paths}",
             elapsed.as_secs_f64(),
-            pair.launched.elapsed().as_secs_f64()
+            pair.mesh.launched.elapsed().as_secs_f64()
         );
         pair.wait_connected(Duration::from_secs(5))?;
         let paths = path::pair_path(pair.a(), pair.b())?;
