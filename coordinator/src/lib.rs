@@ -42,16 +42,12 @@ pub mod wgconfig;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ServeConfig, TlsMode};
 use crate::store::{Store, settings_keys};
-
-/// How long shutdown waits for open requests (map streams end at once on shutdown).
-const GRACEFUL_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// Runs the coordinator on `listener` until `shutdown` completes: opens the database (migrations), prepares TLS,
 /// starts the broker and serves HTTP(S). Map streams are closed at shutdown.
@@ -99,19 +95,9 @@ pub async fn run(
     );
 
     // Load the certificate before starting anything that would need stopping if it fails.
-    let tls_files = match tls_files {
+    let tls_config = match tls_files {
         None => None,
-        Some(files) => Some(
-            axum_server::tls_rustls::RustlsConfig::from_pem_file(&files.cert, &files.key)
-                .await
-                .with_context(|| {
-                    format!(
-                        "loading TLS certificate {} and key {}",
-                        files.cert.display(),
-                        files.key.display()
-                    )
-                })?,
-        ),
+        Some(files) => Some(http::serve::tls_config(&files.cert, &files.key)?),
     };
     let cancel = CancellationToken::new();
     let broker = broker::Broker::start(store.clone(), config.keep_changes, cancel.clone()).await?;
@@ -138,7 +124,7 @@ pub async fn run(
         relay,
         openapi_json: OnceLock::new(),
     });
-    let app = http::router(state);
+    let app = http::router(state.clone());
 
     let on_shutdown = {
         let cancel = cancel.clone();
@@ -148,29 +134,11 @@ pub async fn run(
         }
     };
     listener.set_nonblocking(true).context("configuring the listener")?;
-    let served = match tls_files {
-        None => {
-            let listener = tokio::net::TcpListener::from_std(listener).context("registering the listener")?;
-            axum::serve(listener, app)
-                .with_graceful_shutdown(on_shutdown)
-                .await
-                .context("serving HTTP")
-        }
-        Some(rustls) => {
-            let handle = axum_server::Handle::new();
-            let stopper = handle.clone();
-            tokio::spawn(async move {
-                on_shutdown.await;
-                stopper.graceful_shutdown(Some(GRACEFUL_SHUTDOWN));
-            });
-            axum_server::from_tcp_rustls(listener, rustls)
-                .context("registering the listener")?
-                .handle(handle)
-                .serve(app.into_make_service())
-                .await
-                .context("serving HTTPS")
-        }
-    };
+    let listener = tokio::net::TcpListener::from_std(listener).context("registering the listener")?;
+    tokio::spawn(on_shutdown);
+    let served = http::serve::run(listener, tls_config, app, state, cancel.clone())
+        .await
+        .context(if tls_on { "serving HTTPS" } else { "serving HTTP" });
     cancel.cancel();
     store.close().await;
     served

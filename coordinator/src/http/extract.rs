@@ -28,7 +28,11 @@ pub struct ApiPath<T>(pub T);
 pub struct ApiQuery<T>(pub T);
 
 fn bearer(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    bearer_token(parts.headers.get(AUTHORIZATION)?.to_str().ok()?)
+}
+
+/// The token of an `Authorization: Bearer <token>` header value.
+fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
 }
@@ -84,7 +88,18 @@ impl FromRequestParts<AppState> for NodeAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let Some(presented) = bearer(parts).and_then(secrets::parse_node_credential) else {
+        let authorization = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        Self::check(authorization, state).await
+    }
+}
+
+impl NodeAuth {
+    /// Checks the value of an `Authorization` header (the map stream's own listener path calls this directly).
+    pub async fn check(authorization: Option<&str>, state: &AppState) -> Result<Self, ApiError> {
+        let Some(presented) = authorization
+            .and_then(bearer_token)
+            .and_then(secrets::parse_node_credential)
+        else {
             return Err(ApiError::unauthorized(format!(
                 "missing or malformed node credential: {NODE_HINT}"
             )));

@@ -2,7 +2,8 @@
 //!
 //! Routes are registered through `utoipa_axum::routes!`, so the OpenAPI document (`GET /api/v1/openapi.json`) is
 //! generated from the same annotations that register the handlers and cannot miss a route.
-//! Layout: [`node`] (what the node agent calls), [`stream`] (the map stream), [`relay`] (the relay upgrade), [`admin`] (bearer admin API key),
+//! Layout: [`serve`] (the listener: map streams on a lean path of their own, the rest to hyper), [`node`] (what the
+//! node agent calls), [`stream`] (the map stream), [`relay`] (the relay upgrade), [`admin`] (bearer admin API key),
 //! [`meta`] (health, metrics, the document itself), [`extract`] (auth capabilities and error-mapping extractors).
 
 pub mod admin;
@@ -10,6 +11,7 @@ pub mod extract;
 pub mod meta;
 pub mod node;
 pub mod relay;
+pub mod serve;
 pub mod stream;
 
 use std::ops::Deref;

@@ -14,6 +14,9 @@
 //! Keep-alive comments every [`KEEP_ALIVE`] keep idle proxies from closing the connection and reveal dead peers.
 //!
 //! Cost per stream, which is what decides how many nodes one coordinator serves (see `meshd-loadgen`):
+//! - the connection: the listener serves map-stream requests itself ([`serve_raw`], see [`super::serve`]): rustls,
+//!   one task and a small queue per stream, no hyper connection (the router's [`map`] handler serves the same
+//!   stream to requests the listener leaves to hyper);
 //! - opening: one credential lookup; the full map comes from the broker's [`crate::mapcache::MapCache`], and a resume
 //!   from the newest version needs no query at all;
 //! - per change: the same pre-built SSE bytes for every stream ([`ChangeEvent::frame_for_viewer`]); changes that
@@ -31,6 +34,7 @@ use bytes::{Bytes, BytesMut};
 use meshd_protocol::api::ErrorBody;
 use meshd_protocol::{MapMessage, NodeId};
 use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use utoipa::IntoParams;
@@ -86,6 +90,16 @@ pub async fn map(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
     });
+    let rx = open(&state, node, since);
+    let mut response = Body::from_stream(ReceiverStream::new(rx)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
+
+/// Starts the session of an authenticated stream; the receiver yields its chunks, dropping it ends the session.
+fn open(state: &AppState, node: NodeAuth, since: Option<u64>) -> mpsc::Receiver<Result<Bytes, Infallible>> {
     // Subscribe before reading anything: every change above the version we start from then reaches us.
     let changes = state.broker.subscribe();
     state.presence.connected(node.node_id);
@@ -101,11 +115,176 @@ pub async fn map(
         tx,
     };
     tokio::spawn(session.run(changes, since, connection));
-    let mut response = Body::from_stream(ReceiverStream::new(rx)).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    Ok(response)
+    rx
+}
+
+/// A map-stream request as the listener ([`super::serve`]) read it off the connection: `GET /api/v1/map` over
+/// HTTP/1.1 with no body and no upgrade. Anything else is left to hyper and the router.
+#[derive(Debug)]
+pub struct MapRequest {
+    authorization: Option<String>,
+    /// `?since=`; an unparsable value is a 400, as through the router.
+    since: Result<Option<u64>, String>,
+    last_event_id: Option<u64>,
+}
+
+impl MapRequest {
+    /// Recognizes a complete map-stream request head.
+    pub fn parse(head: &[u8]) -> Option<Self> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(_)) = request.parse(head) else {
+            return None;
+        };
+        if request.method != Some("GET") || request.version != Some(1) {
+            return None;
+        }
+        let target = request.path?;
+        let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
+        if path != meshd_protocol::paths::MAP {
+            return None;
+        }
+        let mut parsed = Self {
+            authorization: None,
+            since: Ok(None),
+            last_event_id: None,
+        };
+        for h in request.headers.iter() {
+            let value = std::str::from_utf8(h.value).ok().map(str::trim);
+            let name = h.name;
+            if name.eq_ignore_ascii_case("authorization") {
+                parsed.authorization = value.map(str::to_string);
+            } else if name.eq_ignore_ascii_case("last-event-id") {
+                parsed.last_event_id = value.and_then(|v| v.parse().ok());
+            } else if name.eq_ignore_ascii_case("transfer-encoding")
+                || name.eq_ignore_ascii_case("upgrade")
+                || name.eq_ignore_ascii_case("expect")
+                || (name.eq_ignore_ascii_case("content-length") && value != Some("0"))
+            {
+                return None;
+            }
+        }
+        for pair in query.unwrap_or("").split('&') {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if key == "since" {
+                parsed.since = value
+                    .parse()
+                    .map(Some)
+                    .map_err(|e| format!("Failed to deserialize query string: since: {e}"));
+            }
+        }
+        Some(parsed)
+    }
+}
+
+/// Serves a map stream on a connection of its own (see [`super::serve`] for why not through hyper): the same
+/// authentication, resume and session as [`map`], written as an HTTP/1.1 chunked response straight to `io`.
+pub async fn serve_raw<IO>(mut io: IO, request: MapRequest, state: AppState)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let started = Instant::now();
+    let authenticated = match request.since {
+        Err(message) => Err(ApiError::bad_request(message)),
+        Ok(since) => NodeAuth::check(request.authorization.as_deref(), &state)
+            .await
+            .map(|node| (node, since.or(request.last_event_id))),
+    };
+    let (node, since) = match authenticated {
+        Ok(opened) => opened,
+        Err(e) => {
+            let response = e.into_response();
+            record_request(started, response.status().as_u16());
+            let _ = tokio::time::timeout(RAW_WRITE_TIMEOUT, write_response(&mut io, response)).await;
+            return;
+        }
+    };
+    let mut rx = open(&state, node, since);
+    record_request(started, 200);
+    let (mut reader, mut writer) = tokio::io::split(io);
+    if writer.write_all(RAW_STREAM_HEAD).await.is_err() {
+        return;
+    }
+    // Only to notice the client going away; a stream request has no body, later bytes are ignored.
+    let mut probe = [0u8; 16];
+    loop {
+        tokio::select! {
+            chunk = rx.recv() => {
+                let Some(Ok(chunk)) = chunk else {
+                    // The session ended (deleted node, shutdown): end the chunked body.
+                    let _ = tokio::time::timeout(RAW_WRITE_TIMEOUT, async {
+                        writer.write_all(b"0\r\n\r\n").await?;
+                        writer.shutdown().await
+                    })
+                    .await;
+                    return;
+                };
+                if write_chunk(&mut writer, &chunk).await.is_err() {
+                    return;
+                }
+            }
+            read = reader.read(&mut probe) => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Bound on writing an error answer or the end of a stream to a client that does not read.
+const RAW_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+const RAW_STREAM_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
+                                 transfer-encoding: chunked\r\n\r\n";
+/// Chunks up to this size are written as one piece with their framing (one TLS record); larger ones (full maps)
+/// in three writes, without a copy.
+const SMALL_CHUNK: usize = 16 * 1024;
+
+async fn write_chunk<W: AsyncWrite + Unpin>(writer: &mut W, chunk: &[u8]) -> std::io::Result<()> {
+    let size = format!("{:x}\r\n", chunk.len());
+    if chunk.len() <= SMALL_CHUNK {
+        let mut framed = Vec::with_capacity(size.len() + chunk.len() + 2);
+        framed.extend_from_slice(size.as_bytes());
+        framed.extend_from_slice(chunk);
+        framed.extend_from_slice(b"\r\n");
+        writer.write_all(&framed).await?;
+    } else {
+        writer.write_all(size.as_bytes()).await?;
+        writer.write_all(chunk).await?;
+        writer.write_all(b"\r\n").await?;
+    }
+    writer.flush().await
+}
+
+/// Writes a complete (error) response and closes the connection.
+async fn write_response<W: AsyncWrite + Unpin>(writer: &mut W, response: Response) -> std::io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in &parts.headers {
+        if let Ok(value) = value.to_str() {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    head.push_str(&format!("content-length: {}\r\nconnection: close\r\n\r\n", body.len()));
+    writer.write_all(head.as_bytes()).await?;
+    writer.write_all(&body).await?;
+    writer.shutdown().await
+}
+
+/// The request metric the router's middleware records for every other route.
+fn record_request(started: Instant, status: u16) {
+    metrics::histogram!(
+        telemetry::HTTP_DURATION,
+        "method" => "GET",
+        "route" => meshd_protocol::paths::MAP,
+        "status" => status.to_string()
+    )
+    .record(started.elapsed().as_secs_f64());
 }
 
 /// A counted open stream; dropping it tells presence the stream closed.
@@ -326,6 +505,35 @@ impl StreamSession {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MapRequest;
+
+    #[test]
+    fn only_plain_map_stream_requests_take_the_lean_path() {
+        let ok = MapRequest::parse(
+            b"GET /api/v1/map?since=7 HTTP/1.1\r\nhost: x\r\nAuthorization: Bearer abc\r\nLast-Event-ID: 5\r\n\r\n",
+        )
+        .expect("a map stream request");
+        assert_eq!(ok.authorization.as_deref(), Some("Bearer abc"));
+        assert_eq!(ok.since, Ok(Some(7)));
+        assert_eq!(ok.last_event_id, Some(5));
+        let bad_since = MapRequest::parse(b"GET /api/v1/map?since=-3 HTTP/1.1\r\n\r\n").expect("parsed");
+        assert!(bad_since.since.is_err(), "answered 400 like the router does");
+        for other in [
+            &b"GET /api/v1/map HTTP/1.0\r\n\r\n"[..],
+            b"POST /api/v1/map HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+            b"GET /api/v1/mapx HTTP/1.1\r\n\r\n",
+            b"GET /api/v1/relay HTTP/1.1\r\n\r\n",
+            b"GET /api/v1/map HTTP/1.1\r\nUpgrade: meshd-relay\r\n\r\n",
+            b"GET /api/v1/map HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"GET /api/v1/map HTTP/1.1\r\nhost: x\r\n",
+        ] {
+            assert!(MapRequest::parse(other).is_none(), "{}", String::from_utf8_lossy(other));
         }
     }
 }
