@@ -79,6 +79,9 @@ struct Args {
     joins_only: bool,
 }
 
+/// Below this many nodes the per-node memory figure is reported but not checked.
+const MEMORY_CHECK_MIN_NODES: u64 = 1000;
+
 fn humantime_secs(s: &str) -> Result<Duration, String> {
     let n = s.strip_suffix('s').unwrap_or(s);
     n.parse::<f64>()
@@ -408,13 +411,23 @@ async fn scenarios(args: &Args, coordinator: &mut Coordinator, table: &mut Table
             rss_connected as f64 / 1048576.0
         ),
     );
-    table.check(
-        "memory",
-        "bytes per connected node beyond the base",
-        format!("{:.1} KiB", per_node as f64 / 1024.0),
-        "< 20 KiB",
-        per_node < 20 * 1024,
-    );
+    let per_node_text = format!("{:.1} KiB", per_node as f64 / 1024.0);
+    if total_nodes >= MEMORY_CHECK_MIN_NODES {
+        table.check(
+            "memory",
+            "bytes per connected node beyond the base",
+            per_node_text,
+            "< 20 KiB",
+            per_node < 20 * 1024,
+        );
+    } else {
+        // A few MiB of allocator noise would decide the figure (CI's smoke run uses 200 nodes).
+        table.add(
+            "memory",
+            format!("bytes per connected node beyond the base (checked from {MEMORY_CHECK_MIN_NODES} nodes)"),
+            per_node_text,
+        );
+    }
 
     // 2b. One change of each kind reaches every stream.
     let probe_index = n + 1;
