@@ -9,7 +9,7 @@
 #      coordinator suite runs on PostgreSQL as well as SQLite (MESHD_TEST_REQUIRE_POSTGRES=1: it must);
 #   3. builds the binaries (one profile: dev, which optimizes dependencies) and runs `cargo test --workspace`,
 #      including the end-to-end scenarios in network namespaces (tests/), which must run, not skip
-#      (MESHD_LAB_REQUIRED=1);
+#      (MESHD_LAB_REQUIRED=1); then a 200-node smoke run of the load generator (meshd-loadgen) on both databases;
 #   4. checks formatting and clippy (MESHD_LINT=strict: a problem fails the run; warn: reported only; skip).
 # Idempotent: what is installed or running already is left as it is.
 #
@@ -110,6 +110,15 @@ cargo build --workspace --bins
 log "running all tests"
 # shellcheck disable=SC2086
 cargo test ${CARGO_TEST_ARGS:---workspace} --no-fail-fast
+
+# The control-plane load generator against the debug coordinator, 200 nodes on each database (well under a minute):
+# every scenario runs and a missed target or any error fails the run, so the generator cannot rot.
+log "load generator smoke run (meshd-loadgen -n 200, SQLite and PostgreSQL)"
+for db in sqlite postgres; do
+    target/debug/meshd-loadgen -n 200 --db "$db" --coordinator target/debug/meshd-coordinator \
+        --postgres-url "$MESHD_TEST_POSTGRES_URL" --setup-timeout 60s --change-timeout 10s --reconnect-timeout 60s \
+        || die "meshd-loadgen -n 200 --db $db missed a target or failed (see its table above)"
+done
 
 case ${MESHD_LINT:-strict} in
     strict|warn)
