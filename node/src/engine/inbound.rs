@@ -8,8 +8,9 @@
 //! relayed initiation go back over the relay. Untrusted input: every step drops and counts,
 //! nothing panics or stops the loop. The shared rate limiter sees the sender's address first, so a handshake flood
 //! is answered with cookie replies (cheap) instead of DH work that would starve live tunnels. Dispatch is by receiver
-//! index or, for initiations, by the static key inside (see `dispatch`), never by trying peers. One task: its
-//! buffers are reused; per datagram it takes only the dispatched peer's mutex, never across an `.await`.
+//! index or, for initiations, by the static key inside (see `dispatch`), never by trying peers. One task on its own
+//! thread and runtime (which alone waits for the socket): its buffers are reused; per datagram it takes only the
+//! dispatched peer's mutex. Everything after the receive is synchronous (TUN writes and UDP sends do not wait).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -91,24 +92,33 @@ pub(crate) async fn run_relayed(
                 .relay_rx_bytes
                 .fetch_add(relayed.datagram.len() as u64, Ordering::Relaxed);
             tracing::trace!(peer = ?relayed.peer, len = relayed.datagram.len(), "datagram from the relay");
-            inbound
-                .handle(&table, &relayed.datagram, Origin::Relay(relayed.peer), now)
-                .await;
+            inbound.handle(&table, &relayed.datagram, Origin::Relay(relayed.peer), now);
         }
-        inbound.flush_tun().await;
-        inbound.flush_replies().await;
+        inbound.flush_tun();
+        inbound.flush_replies();
     }
 }
 
+/// The inbound loop; runs on the inbound thread's runtime (the socket's readiness is registered with it).
 pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+    let udp = match shared.udp.reader() {
+        Ok(udp) => udp,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot wait for the UDP socket: no packets will reach this node");
+            return;
+        }
+    };
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     let mut recv = RecvBatch::new();
     let mut receive_errors = 0u32;
-    let mut inbound = Inbound::new(shared);
+    // `udp` borrows `shared`: the loop's state holds a clone of its own.
+    let mut inbound = Inbound::new(Arc::clone(&shared));
     loop {
         let received = tokio::select! {
             biased;
-            () = cancel.cancelled() => break,
-            received = inbound.shared.udp.recv(&mut recv) => received,
+            () = &mut cancelled => break,
+            received = udp.recv(&mut recv) => received,
         };
         let slots = match received {
             Ok(slots) => {
@@ -134,25 +144,25 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         for slot in 0..slots {
             let (source, datagrams) = recv.slot(slot);
             for datagram in datagrams {
-                inbound.handle(&table, datagram, Origin::Udp(source), now).await;
+                inbound.handle(&table, datagram, Origin::Udp(source), now);
             }
         }
-        inbound.flush_tun().await;
-        inbound.flush_replies().await;
+        inbound.flush_tun();
+        inbound.flush_replies();
     }
 }
 
 impl Inbound {
-    async fn flush_tun(&mut self) {
-        if let Err(e) = self.to_tun.flush(&self.shared.tun).await {
+    fn flush_tun(&mut self) {
+        if let Err(e) = self.to_tun.flush(&self.shared.tun) {
             tracing::trace!(error = %e, "tun write failed");
             bump(&self.shared.counters.tun_write_errors);
         }
     }
 
-    async fn flush_replies(&mut self) {
+    fn flush_replies(&mut self) {
         if !self.replies.is_empty() {
-            self.shared.send_batch(&mut self.replies).await;
+            self.shared.send_batch(&mut self.replies);
         }
     }
 
@@ -167,12 +177,12 @@ impl Inbound {
         }
     }
 
-    async fn handle(&mut self, table: &PeerTable, datagram: &[u8], origin: Origin, now: Instant) {
+    fn handle(&mut self, table: &PeerTable, datagram: &[u8], origin: Origin, now: Instant) {
         if self.to_tun.is_full() {
-            self.flush_tun().await;
+            self.flush_tun();
         }
         if self.replies.needs_flush() {
-            self.flush_replies().await;
+            self.flush_replies();
         }
         // Classification: a WireGuard message starts with 1..4 (the disco magic with 'M'), so data pays one compare.
         if datagram.first() == Some(&disco::MAGIC[0]) && disco::is_disco(datagram) {
@@ -205,15 +215,15 @@ impl Inbound {
             return bump(&self.shared.counters.unknown_peer_datagrams);
         };
         if self.sinks().decapsulate(table, peer, datagram, origin, now) {
-            self.flush_queue(peer, now).await;
+            self.flush_queue(peer, now);
         }
     }
 
     /// Repeats `decapsulate(None, &[])` until Done, sending what the Tunn had queued while it had no session.
-    async fn flush_queue(&mut self, peer: &Peer, now: Instant) {
+    fn flush_queue(&mut self, peer: &Peer, now: Instant) {
         loop {
             if self.replies.needs_flush() {
-                self.flush_replies().await;
+                self.flush_replies();
             }
             let relay_connected = self.shared.relay_connected();
             let mut state = peer.lock();

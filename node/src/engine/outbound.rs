@@ -1,10 +1,11 @@
 //! The outbound task: TUN device -> encrypt -> UDP.
 //!
 //! Owns: reading batches from the device, routing each packet by destination overlay address, encrypting it with its
-//! peer's `Tunn`, and sending the batch with GSO. One task, so its buffers are reused without locking; per packet it
-//! takes only the destination peer's mutex, for one `encapsulate`. The peer table is loaded once per batch. Where
-//! the datagram goes is the peer's send rule (`PeerState::destination_for`): UDP into the batch, or (agent peers
-//! without a trusted direct path) a copy to the relay client's queue.
+//! peer's `Tunn`, and sending the batch with GSO. One task on its own thread and runtime (which alone waits for the
+//! device), so its buffers are reused without locking; per packet it takes only the destination peer's mutex, for one
+//! `encapsulate`. The peer table is loaded once per batch. Where the datagram goes is the peer's send rule
+//! (`PeerState::destination_for`): UDP into the batch, or (agent peers without a trusted direct path) a copy to the
+//! relay client's queue.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,14 +16,24 @@ use tokio_util::sync::CancellationToken;
 use super::counters::bump;
 use super::dispatch::{TunDrop, tun_destination};
 use super::peers::{Destination, PeerTable};
-use super::tun::{MAX_IP_PACKET, TUN_BATCH, TUN_OFFSET};
+use super::tun::{MAX_IP_PACKET, TUN_BATCH, TUN_OFFSET, TunReader};
 use super::udp::SendBatch;
 use super::{DATA_OVERHEAD, Shared};
 
 /// Consecutive read errors after which the task backs off briefly instead of spinning (device gone or broken).
 const READ_ERROR_BACKOFF_AFTER: u32 = 100;
 
+/// The outbound loop; runs on the outbound thread's runtime (the device's readiness is registered with it).
 pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+    let tun = match TunReader::new(&shared.tun) {
+        Ok(tun) => tun,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot wait for the TUN device: no packets will leave this node");
+            return;
+        }
+    };
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     // With offload the device hands us up to 64 KiB at once in `original`, split into MTU-sized `bufs`.
     let mut original = vec![0u8; TUN_OFFSET + MAX_IP_PACKET];
     let mut bufs: Vec<Vec<u8>> = (0..TUN_BATCH)
@@ -34,8 +45,8 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     loop {
         let received = tokio::select! {
             biased;
-            () = cancel.cancelled() => break,
-            received = shared.tun.recv_multiple(&mut original, &mut bufs, &mut sizes, TUN_OFFSET) => received,
+            () = &mut cancelled => break,
+            received = tun.recv_multiple(&mut original, &mut bufs, &mut sizes, TUN_OFFSET) => received,
         };
         let count = match received {
             Ok(count) => {
@@ -65,7 +76,7 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         loop {
             for (buf, &size) in bufs.iter().zip(&sizes).take(count) {
                 if batch.needs_flush() {
-                    shared.send_batch(&mut batch).await;
+                    shared.send_batch(&mut batch);
                 }
                 let Some(packet) = buf.get(TUN_OFFSET..TUN_OFFSET + size) else {
                     bump(&shared.counters.malformed_tun_packets);
@@ -77,10 +88,7 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
             if packets >= TUN_BATCH {
                 break;
             }
-            count = match shared
-                .tun
-                .try_recv_multiple(&mut original, &mut bufs, &mut sizes, TUN_OFFSET)
-            {
+            count = match tun.try_recv_multiple(&mut original, &mut bufs, &mut sizes, TUN_OFFSET) {
                 Ok(count) => count,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => {
@@ -89,7 +97,7 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
             };
         }
-        shared.send_batch(&mut batch).await;
+        shared.send_batch(&mut batch);
     }
 }
 

@@ -61,18 +61,18 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         let max_segments = shared.udp.max_gso_segments();
         for peer in table.peers() {
             if batch.needs_flush() {
-                shared.send_batch(&mut batch).await;
+                shared.send_batch(&mut batch);
             }
             tick_peer(&shared, peer, &mut batch, now, max_segments);
             probe_peer(&shared, peer, &mut probes, now);
             for (to, len, buf) in probes.pings.drain(..) {
                 if batch.needs_flush() {
-                    shared.send_batch(&mut batch).await;
+                    shared.send_batch(&mut batch);
                 }
                 batch.push_copy(&buf[..len], to, max_segments);
             }
         }
-        shared.send_batch(&mut batch).await;
+        shared.send_batch(&mut batch);
     }
 }
 

@@ -5,11 +5,19 @@
 //! segments) and writes with `send_multiple` (which coalesces a batch of TCP/UDP segments back into super-packets);
 //! without offload the same calls degrade to one packet per syscall. Packets therefore always sit at [`TUN_OFFSET`]
 //! in their buffers, whichever mode the device is in.
+//!
+//! The device is non-blocking and registered with no runtime of its own: only the outbound packet thread waits for
+//! it, through a [`TunReader`] registered in that thread's runtime for readability alone. Writes (the inbound
+//! thread's) never wait: a TUN write does not block (the kernel queues the packet or drops it).
 
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 
-use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tun_rs::{DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
+use super::readiness::register_readable;
 use super::{EngineConfig, EngineError};
 
 /// Headroom in front of every packet for the virtio-net header (unused but harmless without offload).
@@ -22,20 +30,72 @@ pub(crate) const TUN_BATCH: usize = IDEAL_BATCH_SIZE;
 pub(crate) const MAX_IP_PACKET: usize = 65535;
 
 /// Creates the device with the node's address and the overlay prefix (so the kernel routes the whole overlay into
-/// it) and the MTU. Must run inside the tokio runtime.
-pub(crate) fn open(config: &EngineConfig, offload: bool) -> Result<AsyncDevice, EngineError> {
+/// it) and the MTU, in non-blocking mode.
+pub(crate) fn open(config: &EngineConfig, offload: bool) -> Result<SyncDevice, EngineError> {
+    let open_error = |source| EngineError::OpenTun {
+        name: config.interface.clone(),
+        source,
+    };
     let device = DeviceBuilder::new()
         .name(config.interface.clone())
         .ipv4(config.address, config.network.prefix_len(), None)
         .mtu(config.mtu)
         .offload(offload)
-        .build_async()
-        .map_err(|source| EngineError::OpenTun {
-            name: config.interface.clone(),
-            source,
-        })?;
+        .build_sync()
+        .map_err(open_error)?;
+    device.set_nonblocking(true).map_err(open_error)?;
     disable_ipv6(&config.interface);
     Ok(device)
+}
+
+/// What the outbound thread waits for: a packet, or an error condition (a TUN device whose interface was deleted
+/// reports only `EPOLLERR`; waiting for it too lets the next read return the error instead of hanging).
+const READ_INTEREST: Interest = Interest::READABLE.add(Interest::ERROR);
+
+/// The device's read side, registered for readability only with the runtime that created it (the outbound packet
+/// thread's). Borrows the device, so it cannot outlive the descriptor.
+pub(crate) struct TunReader<'a> {
+    device: &'a SyncDevice,
+    readiness: AsyncFd<BorrowedFd<'a>>,
+}
+
+impl<'a> TunReader<'a> {
+    pub(crate) fn new(device: &'a SyncDevice) -> io::Result<Self> {
+        Ok(Self {
+            device,
+            readiness: register_readable(device.as_fd())?,
+        })
+    }
+
+    /// Waits for the device and reads once: with offload one (super-)packet split into `bufs`, without one packet.
+    /// Returns how many of `bufs` were filled (see tun-rs `recv_multiple`).
+    pub(crate) async fn recv_multiple(
+        &self,
+        original: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+        offset: usize,
+    ) -> io::Result<usize> {
+        self.readiness
+            .async_io(READ_INTEREST, |_| {
+                self.device.recv_multiple(original, bufs, sizes, offset)
+            })
+            .await
+    }
+
+    /// [`Self::recv_multiple`] without waiting: `WouldBlock` when nothing is queued (which also clears the readiness,
+    /// so the next wait sleeps until the kernel has more).
+    pub(crate) fn try_recv_multiple(
+        &self,
+        original: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+        offset: usize,
+    ) -> io::Result<usize> {
+        self.readiness.try_io(Interest::READABLE, |_| {
+            self.device.recv_multiple(original, bufs, sizes, offset)
+        })
+    }
 }
 
 /// The overlay is IPv4 only: without this the kernel gives the device a link-local IPv6 address and sends router
@@ -107,7 +167,7 @@ impl TunWriteBatch {
     }
 
     /// Writes the batch (coalescing segments when offload is on) and empties it.
-    pub(crate) async fn flush(&mut self, device: &AsyncDevice) -> io::Result<()> {
+    pub(crate) fn flush(&mut self, device: &SyncDevice) -> io::Result<()> {
         if self.count == 0 {
             return Ok(());
         }
@@ -118,13 +178,13 @@ impl TunWriteBatch {
             for buf in bufs {
                 // An all-zero virtio header: no GSO, checksum already complete.
                 buf[..TUN_OFFSET].fill(0);
-                if let Err(e) = device.send(buf).await {
+                if let Err(e) = device.send(buf) {
                     result = Err(e);
                 }
             }
             return result;
         }
-        let result = device.send_multiple(&mut self.gro, bufs, TUN_OFFSET).await.map(|_| ());
+        let result = device.send_multiple(&mut self.gro, bufs, TUN_OFFSET).map(|_| ());
         match &result {
             Err(e) if self.offload && e.raw_os_error() == Some(libc::EINVAL) => {
                 self.einval_streak += 1;

@@ -4,16 +4,25 @@
 //! `quinn_udp::BATCH_SIZE` buffers, each possibly holding many coalesced datagrams of one flow); sends group
 //! consecutive datagrams of one destination into a single `sendmsg` with UDP GSO ([`SendBatch`]). Each packet task
 //! owns its own batch buffers, so nothing here locks; the socket itself is shared by reference (sends from several
-//! tasks at once are fine for UDP).
+//! threads at once are fine for UDP).
+//!
+//! The socket is registered with no runtime of its own: only the inbound packet thread waits for it, through a
+//! [`UdpReader`] it registers in its own runtime for readability alone (a registration that also asked for
+//! writability would wake that thread every time a sent datagram frees buffer space). Sends never wait on a
+//! runtime: the socket is non-blocking and a full send buffer is waited out with `poll(2)`, briefly (see
+//! [`SEND_WAIT`]).
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::Duration;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 use super::EngineError;
+use super::readiness::register_readable;
 
 /// Socket buffer size: wireguard-go uses 7 MiB; smaller buffers cost it 20% throughput and many retransmits
 /// (nat-and-dataplane.md D4).
@@ -28,15 +37,21 @@ const RECV_SLOT_BYTES: usize = 65536;
 /// A GSO send may carry at most this many bytes (IPv4 payload limit with some headroom) ...
 const MAX_GSO_BYTES: usize = 65000;
 
+/// How long a send waits for room in a full socket send buffer before the datagram is dropped. The buffer holds
+/// 7 MiB, so it is full only when the kernel cannot keep up; waiting a little gives the sender backpressure, and
+/// the bound keeps the timer task (which sends from the shared runtime) from stalling it.
+const SEND_WAIT: Duration = Duration::from_millis(10);
+
 pub(crate) struct Udp {
-    socket: tokio::net::UdpSocket,
+    /// Non-blocking; registered with no runtime (see the module doc).
+    socket: std::net::UdpSocket,
     state: UdpSocketState,
     /// The socket is `[::]` with IPv4 mapped in; IPv4 destinations must be written as mapped addresses.
     dual_stack: bool,
     port: u16,
 }
 
-/// Binds `[::]:port` (dual-stack) or, on a host without IPv6, `0.0.0.0:port`. Must run inside the tokio runtime.
+/// Binds `[::]:port` (dual-stack) or, on a host without IPv6, `0.0.0.0:port`.
 pub(crate) fn bind(port: u16) -> Result<Udp, EngineError> {
     let bind_error = |source| EngineError::BindUdp { port, source };
     let (socket, dual_stack) = match bind_dual_stack(port) {
@@ -52,9 +67,9 @@ pub(crate) fn bind(port: u16) -> Result<Udp, EngineError> {
     };
     set_buffer_sizes(&socket);
     let state = UdpSocketState::new((&socket).into()).map_err(bind_error)?;
-    let std_socket: std::net::UdpSocket = socket.into();
-    let local = std_socket.local_addr().map_err(bind_error)?;
-    let socket = tokio::net::UdpSocket::from_std(std_socket).map_err(bind_error)?;
+    let socket: std::net::UdpSocket = socket.into();
+    socket.set_nonblocking(true).map_err(bind_error)?;
+    let local = socket.local_addr().map_err(bind_error)?;
     Ok(Udp {
         socket,
         state,
@@ -123,13 +138,9 @@ impl Udp {
         }
     }
 
-    /// Sends `contents` (one datagram, or several of `segment_size` bytes each with GSO) to `destination`.
-    pub(crate) async fn send(
-        &self,
-        destination: SocketAddr,
-        contents: &[u8],
-        segment_size: Option<usize>,
-    ) -> io::Result<()> {
+    /// Sends `contents` (one datagram, or several of `segment_size` bytes each with GSO) to `destination`. Waits at
+    /// most [`SEND_WAIT`] for room in the send buffer.
+    pub(crate) fn send(&self, destination: SocketAddr, contents: &[u8], segment_size: Option<usize>) -> io::Result<()> {
         let transmit = Transmit {
             destination: self.wire_addr(destination),
             ecn: None,
@@ -137,25 +148,79 @@ impl Udp {
             segment_size,
             src_ip: None,
         };
-        self.socket
-            .async_io(Interest::WRITABLE, || {
+        match self.state.try_send((&self.socket).into(), &transmit) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_writable(&self.socket, SEND_WAIT)?;
                 self.state.try_send((&self.socket).into(), &transmit)
-            })
-            .await
+            }
+            result => result,
+        }
     }
 
-    /// Receives a batch into `batch`; returns how many slots were filled.
-    pub(crate) async fn recv(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+    /// Receives what is queued now into `batch`, without waiting; returns how many slots were filled
+    /// (`WouldBlock` when nothing is queued).
+    fn try_recv(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         let RecvBatch { buf, metas } = batch;
-        self.socket
-            .async_io(Interest::READABLE, || {
-                let mut chunks = buf.chunks_mut(RECV_SLOT_BYTES);
-                let mut slices: [IoSliceMut<'_>; RECV_BATCH] = std::array::from_fn(|_| {
-                    IoSliceMut::new(chunks.next().expect("the receive buffer holds RECV_BATCH slots"))
-                });
-                self.state.recv(UdpSockRef::from(&self.socket), &mut slices, metas)
-            })
-            .await
+        let mut chunks = buf.chunks_mut(RECV_SLOT_BYTES);
+        let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().expect("the receive buffer holds RECV_BATCH slots")));
+        self.state.recv(UdpSockRef::from(&self.socket), &mut slices, metas)
+    }
+
+    /// Registers the socket for readability with the runtime this is called in (the inbound packet thread's).
+    pub(crate) fn reader(&self) -> io::Result<UdpReader<'_>> {
+        Ok(UdpReader {
+            udp: self,
+            readiness: register_readable(self.socket.as_fd())?,
+        })
+    }
+}
+
+/// The receiving side of the socket, registered for readability only with the runtime that created it. Borrows the
+/// [`Udp`], so it cannot outlive the socket's descriptor.
+pub(crate) struct UdpReader<'a> {
+    udp: &'a Udp,
+    readiness: AsyncFd<BorrowedFd<'a>>,
+}
+
+impl UdpReader<'_> {
+    /// Waits for datagrams and receives a batch into `batch`; returns how many slots were filled.
+    pub(crate) async fn recv(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        loop {
+            let mut ready = self.readiness.readable().await?;
+            match ready.try_io(|_| self.udp.try_recv(batch)) {
+                Ok(Ok(slots)) => {
+                    // `recvmmsg` on a non-blocking socket stops early only when the queue is empty: the next receive
+                    // would fail with EAGAIN, so skip that syscall and wait for the kernel's next readiness event
+                    // (edge-triggered: a datagram that arrived after this read has queued one already).
+                    if slots < RECV_BATCH {
+                        ready.clear_ready();
+                    }
+                    return Ok(slots);
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+    }
+}
+
+/// Blocks until `socket` has room to send, at most `limit`; `WouldBlock` if it still has none. An interrupted or
+/// failed poll returns Ok: the retried send then says what is wrong.
+#[allow(unsafe_code)]
+fn wait_writable(socket: &std::net::UdpSocket, limit: Duration) -> io::Result<()> {
+    let mut pollfd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let timeout = libc::c_int::try_from(limit.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd on this stack frame, count 1; the descriptor stays open for the call (borrowed).
+    let rc = unsafe { libc::poll(&raw mut pollfd, 1, timeout) };
+    if rc == 0 {
+        Err(io::ErrorKind::WouldBlock.into())
+    } else {
+        Ok(())
     }
 }
 
@@ -281,12 +346,12 @@ impl SendBatch {
 
     /// Sends everything and empties the batch; returns how many sends failed (the datagrams are lost, like on a
     /// congested link: WireGuard and the inner TCP recover).
-    pub(crate) async fn flush(&mut self, udp: &Udp) -> u64 {
+    pub(crate) fn flush(&mut self, udp: &Udp) -> u64 {
         let mut failures = 0;
         for run in &self.runs {
             let contents = &self.buf[run.start..run.start + run.len];
             let segment_size = (run.count > 1).then_some(run.segment);
-            if let Err(e) = udp.send(run.destination, contents, segment_size).await {
+            if let Err(e) = udp.send(run.destination, contents, segment_size) {
                 tracing::trace!(destination = %run.destination, error = %e, "udp send failed");
                 failures += 1;
             }

@@ -13,6 +13,7 @@ mod nat;
 mod nat_bench;
 mod nat_harness;
 mod nat_traversal;
+mod rekey_under_load;
 mod restart;
 mod ssh_session;
 mod transfer;
