@@ -12,8 +12,8 @@
 //! thread and runtime (which alone waits for the socket): its buffers are reused; per datagram it takes only the
 //! dispatched peer's mutex. Everything after the receive is synchronous (TUN writes and UDP sends do not wait).
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::time::Instant;
 
 use boringtun::noise::TunnResult;
@@ -28,7 +28,7 @@ use super::counters::{Counters, bump};
 use super::dispatch::{MSG_COOKIE_REPLY, MSG_DATA, message_type, peer_for};
 use super::peers::{Destination, Origin, Peer, PeerTable};
 use super::tun::TunWriteBatch;
-use super::udp::{RecvBatch, SendBatch};
+use super::udp::{RECV_BATCH, RecvBatch, SendBatch};
 use super::{RelayDatagram, Shared, relay_send};
 
 /// Relayed datagrams handled per wakeup of the `relayed` task before its batches are flushed.
@@ -99,8 +99,49 @@ pub(crate) async fn run_relayed(
     }
 }
 
+/// The UDP inbound worker: the per-datagram state and the receive buffers. Shared (behind a mutex) by the inbound
+/// thread, which takes it when the socket becomes readable, and the outbound thread, which right after sending a few
+/// packets at rest keeps polling the socket through it for a moment (see `outbound::await_answer`): the answer then
+/// finds a running thread instead of waking a sleeping one.
+pub(crate) struct InboundWorker {
+    inbound: Inbound,
+    recv: RecvBatch,
+}
+
+impl InboundWorker {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            inbound: Inbound::new(shared),
+            recv: RecvBatch::new(),
+        }
+    }
+
+    /// Receives what the socket holds now (without waiting) and handles it; returns how many receive slots were
+    /// filled (`WouldBlock` when nothing was queued).
+    pub(crate) fn receive(&mut self) -> std::io::Result<usize> {
+        let Self { inbound, recv } = self;
+        let slots = inbound.shared.udp.try_recv(recv)?;
+        let table = inbound.shared.table.load();
+        inbound.max_segments = inbound.shared.udp.max_gso_segments();
+        let now = Instant::now();
+        for slot in 0..slots {
+            let (source, datagrams) = recv.slot(slot);
+            for datagram in datagrams {
+                inbound.handle(&table, datagram, Origin::Udp(source), now);
+            }
+        }
+        let wrote_to_tun = inbound.to_tun.has_pending();
+        inbound.flush_tun();
+        inbound.flush_replies();
+        if wrote_to_tun {
+            inbound.send_answers();
+        }
+        Ok(slots)
+    }
+}
+
 /// The inbound loop; runs on the inbound thread's runtime (the socket's readiness is registered with it).
-pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+pub(crate) async fn run(shared: Arc<Shared>, worker: Arc<Mutex<InboundWorker>>, cancel: CancellationToken) {
     let udp = match shared.udp.reader() {
         Ok(udp) => udp,
         Err(e) => {
@@ -110,21 +151,33 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     };
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
-    let mut recv = RecvBatch::new();
     let mut receive_errors = 0u32;
-    // `udp` borrows `shared`: the loop's state holds a clone of its own.
-    let mut inbound = Inbound::new(Arc::clone(&shared));
     loop {
-        let received = tokio::select! {
+        let ready = tokio::select! {
             biased;
             () = &mut cancelled => break,
-            received = udp.recv(&mut recv) => received,
+            ready = udp.readable() => ready,
         };
-        let slots = match received {
+        let mut ready = match ready {
+            Ok(ready) => ready,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot wait for the UDP socket: no packets will reach this node");
+                return;
+            }
+        };
+        let received = worker.lock().unwrap_or_else(PoisonError::into_inner).receive();
+        match received {
             Ok(slots) => {
                 receive_errors = 0;
-                slots
+                // `recvmmsg` on a non-blocking socket stops early only when the queue is empty: skip the receive
+                // that would fail with EAGAIN and wait for the kernel's next readiness event (edge-triggered: a
+                // datagram that arrived after this read has queued one already).
+                if slots < RECV_BATCH {
+                    ready.clear_ready();
+                }
             }
+            // The outbound thread took what woke us (see `InboundWorker`).
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => ready.clear_ready(),
             Err(e) => {
                 // ICMP errors surface here as ECONNREFUSED and the like: not fatal for a UDP server socket. Only a
                 // long streak means the socket itself is broken; then back off instead of spinning.
@@ -135,24 +188,28 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
                     receive_errors = 0;
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
-                continue;
-            }
-        };
-        let table = inbound.shared.table.load_full();
-        inbound.max_segments = inbound.shared.udp.max_gso_segments();
-        let now = Instant::now();
-        for slot in 0..slots {
-            let (source, datagrams) = recv.slot(slot);
-            for datagram in datagrams {
-                inbound.handle(&table, datagram, Origin::Udp(source), now);
             }
         }
-        inbound.flush_tun();
-        inbound.flush_replies();
     }
 }
 
 impl Inbound {
+    /// Right after a TUN write, sends what the kernel answered within that write (an ICMP echo reply, TCP ACKs are
+    /// queued on the device by the time the write returns), instead of leaving it to a wake-up of the outbound
+    /// thread: one thread hand-over less per round trip. Never waits: if the outbound thread holds its worker (it is
+    /// busy, so the answers go out with its next read anyway), this does nothing.
+    fn send_answers(&self) {
+        let mut outbound = match self.shared.outbound.try_lock() {
+            Ok(outbound) => outbound,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        if let Err(e) = outbound.drain(&self.shared) {
+            tracing::trace!(error = %e, "tun read after a write failed");
+            bump(&self.shared.counters.malformed_tun_packets);
+        }
+    }
+
     fn flush_tun(&mut self) {
         if let Err(e) = self.to_tun.flush(&self.shared.tun) {
             tracing::trace!(error = %e, "tun write failed");

@@ -263,10 +263,11 @@ pub(crate) struct Shared {
     public_key: x25519::PublicKey,
     udp: udp::Udp,
     tun: tun_rs::SyncDevice,
+    /// The outbound worker's buffers: the outbound thread's, lent to the inbound thread after a TUN write (see
+    /// `outbound::Outbound`).
+    outbound: Mutex<outbound::Outbound>,
     /// The TUN device carries virtio headers (TSO/GRO offload on).
     offload: bool,
-    /// Largest IP packet read from the TUN (its MTU).
-    max_packet: usize,
     /// Room for one outgoing datagram: a full packet plus overhead, and at least a handshake initiation.
     datagram_slot: usize,
     /// Serialises reconfigures; holds the next peer index to hand out.
@@ -443,6 +444,7 @@ impl Engine {
         };
         let public_key = x25519::PublicKey::from(&config.private_key);
         let max_packet = usize::from(config.mtu).max(1280);
+        let datagram_slot = (max_packet + DATA_OVERHEAD).max(148);
         let (relay_out, relay_out_rx) = mpsc::channel(RELAY_QUEUE);
         let (relay_in, relay_in_rx) = mpsc::channel(RELAY_QUEUE);
         let shared = Arc::new(Shared {
@@ -453,9 +455,9 @@ impl Engine {
             public_key,
             udp,
             tun: device,
+            outbound: Mutex::new(outbound::Outbound::new(max_packet, datagram_slot)),
             offload,
-            max_packet,
-            datagram_slot: (max_packet + DATA_OVERHEAD).max(148),
+            datagram_slot,
             // A random start, like wireguard-go's random indices: the numbers on the wire say nothing about how
             // many peers there are or in which order they came.
             next_index: Mutex::new(rand::random::<u32>() & 0x00FF_FFFF),
@@ -468,13 +470,15 @@ impl Engine {
             stun_waiters: Mutex::new(HashMap::new()),
         });
         let cancel = CancellationToken::new();
+        let inbound_worker = Arc::new(Mutex::new(inbound::InboundWorker::new(Arc::clone(&shared))));
         let outbound = {
-            let (shared, cancel) = (Arc::clone(&shared), cancel.clone());
-            PacketThread::spawn("meshd-outbound", move || outbound::run(shared, cancel))?
+            let (shared, worker, cancel) = (Arc::clone(&shared), Arc::clone(&inbound_worker), cancel.clone());
+            PacketThread::spawn("meshd-outbound", move || outbound::run(shared, worker, cancel))?
         };
         let inbound = {
             let (shared, cancel) = (Arc::clone(&shared), cancel.clone());
-            PacketThread::spawn("meshd-inbound", move || inbound::run(shared, cancel))
+            let worker = inbound_worker;
+            PacketThread::spawn("meshd-inbound", move || inbound::run(shared, worker, cancel))
         };
         let threads = match inbound {
             Ok(inbound) => vec![outbound, inbound],

@@ -7,14 +7,15 @@
 //! in their buffers, whichever mode the device is in.
 //!
 //! The device is non-blocking and registered with no runtime of its own: only the outbound packet thread waits for
-//! it, through a [`TunReader`] registered in that thread's runtime for readability alone. Writes (the inbound
+//! it, through a [`TunReader`] registered in that thread's runtime for readability alone (reads are plain
+//! non-blocking calls on the device, also from the inbound thread: see `outbound::Outbound`). Writes (the inbound
 //! thread's) never wait: a TUN write does not block (the kernel queues the packet or drops it).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tun_rs::{DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::readiness::register_readable;
@@ -55,46 +56,20 @@ const READ_INTEREST: Interest = Interest::READABLE.add(Interest::ERROR);
 /// The device's read side, registered for readability only with the runtime that created it (the outbound packet
 /// thread's). Borrows the device, so it cannot outlive the descriptor.
 pub(crate) struct TunReader<'a> {
-    device: &'a SyncDevice,
     readiness: AsyncFd<BorrowedFd<'a>>,
 }
 
 impl<'a> TunReader<'a> {
     pub(crate) fn new(device: &'a SyncDevice) -> io::Result<Self> {
         Ok(Self {
-            device,
             readiness: register_readable(device.as_fd())?,
         })
     }
 
-    /// Waits for the device and reads once: with offload one (super-)packet split into `bufs`, without one packet.
-    /// Returns how many of `bufs` were filled (see tun-rs `recv_multiple`).
-    pub(crate) async fn recv_multiple(
-        &self,
-        original: &mut [u8],
-        bufs: &mut [Vec<u8>],
-        sizes: &mut [usize],
-        offset: usize,
-    ) -> io::Result<usize> {
-        self.readiness
-            .async_io(READ_INTEREST, |_| {
-                self.device.recv_multiple(original, bufs, sizes, offset)
-            })
-            .await
-    }
-
-    /// [`Self::recv_multiple`] without waiting: `WouldBlock` when nothing is queued (which also clears the readiness,
-    /// so the next wait sleeps until the kernel has more).
-    pub(crate) fn try_recv_multiple(
-        &self,
-        original: &mut [u8],
-        bufs: &mut [Vec<u8>],
-        sizes: &mut [usize],
-        offset: usize,
-    ) -> io::Result<usize> {
-        self.readiness.try_io(Interest::READABLE, |_| {
-            self.device.recv_multiple(original, bufs, sizes, offset)
-        })
+    /// Waits until the device is readable (or reports an error). The caller reads through the device itself and
+    /// clears the readiness when a read said `WouldBlock`.
+    pub(crate) async fn readable(&self) -> io::Result<AsyncFdReadyGuard<'_, BorrowedFd<'a>>> {
+        self.readiness.ready(READ_INTEREST).await
     }
 }
 
@@ -147,6 +122,11 @@ impl TunWriteBatch {
     #[cfg(test)]
     pub(crate) fn pending(&self) -> Vec<&[u8]> {
         self.bufs[..self.count].iter().map(|b| &b[TUN_OFFSET..]).collect()
+    }
+
+    /// Packets are waiting for [`Self::flush`].
+    pub(crate) fn has_pending(&self) -> bool {
+        self.count > 0
     }
 
     pub(crate) fn is_full(&self) -> bool {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
 use super::EngineError;
 use super::readiness::register_readable;
@@ -159,7 +159,7 @@ impl Udp {
 
     /// Receives what is queued now into `batch`, without waiting; returns how many slots were filled
     /// (`WouldBlock` when nothing is queued).
-    fn try_recv(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+    pub(crate) fn try_recv(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         let RecvBatch { buf, metas } = batch;
         let mut chunks = buf.chunks_mut(RECV_SLOT_BYTES);
         let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
@@ -170,7 +170,6 @@ impl Udp {
     /// Registers the socket for readability with the runtime this is called in (the inbound packet thread's).
     pub(crate) fn reader(&self) -> io::Result<UdpReader<'_>> {
         Ok(UdpReader {
-            udp: self,
             readiness: register_readable(self.socket.as_fd())?,
         })
     }
@@ -179,29 +178,14 @@ impl Udp {
 /// The receiving side of the socket, registered for readability only with the runtime that created it. Borrows the
 /// [`Udp`], so it cannot outlive the socket's descriptor.
 pub(crate) struct UdpReader<'a> {
-    udp: &'a Udp,
     readiness: AsyncFd<BorrowedFd<'a>>,
 }
 
-impl UdpReader<'_> {
-    /// Waits for datagrams and receives a batch into `batch`; returns how many slots were filled.
-    pub(crate) async fn recv(&self, batch: &mut RecvBatch) -> io::Result<usize> {
-        loop {
-            let mut ready = self.readiness.readable().await?;
-            match ready.try_io(|_| self.udp.try_recv(batch)) {
-                Ok(Ok(slots)) => {
-                    // `recvmmsg` on a non-blocking socket stops early only when the queue is empty: the next receive
-                    // would fail with EAGAIN, so skip that syscall and wait for the kernel's next readiness event
-                    // (edge-triggered: a datagram that arrived after this read has queued one already).
-                    if slots < RECV_BATCH {
-                        ready.clear_ready();
-                    }
-                    return Ok(slots);
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => {}
-            }
-        }
+impl<'a> UdpReader<'a> {
+    /// Waits until the socket is readable. The caller receives ([`Udp::try_recv`]) and clears the readiness when
+    /// the queue is empty.
+    pub(crate) async fn readable(&self) -> io::Result<AsyncFdReadyGuard<'_, BorrowedFd<'a>>> {
+        self.readiness.readable().await
     }
 }
 
