@@ -17,6 +17,7 @@
 #      MESHD_SKIP_INSTALL=1     do not run apt-get (everything is installed already)
 #      MESHD_LINT=strict|warn|skip   what cargo fmt --check / clippy problems do (default strict: fail)
 #      CARGO_TEST_ARGS          what to test instead of --workspace (e.g. "-p meshd-lab")
+#      MESHD_FUZZ_SECONDS       seconds of cargo fuzz per parser (default 15; 0 skips)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -119,6 +120,32 @@ for db in sqlite postgres; do
         --postgres-url "$MESHD_TEST_POSTGRES_URL" --setup-timeout 60s --change-timeout 10s --reconnect-timeout 60s \
         || die "meshd-loadgen -n 200 --db $db missed a target or failed (see its table above)"
 done
+
+# Fuzzing of the parsers of untrusted bytes (STUN, disco, relay frames; fuzz/): a short libFuzzer run per target.
+# proptest covers the same parsers inside `cargo test`; this adds coverage-guided search. Needs a nightly toolchain
+# and cargo-fuzz: installed here when missing; a machine that cannot get them skips with a warning (a crash found
+# fails the run).
+fuzz_seconds=${MESHD_FUZZ_SECONDS:-15}
+if ((fuzz_seconds > 0)); then
+    log "fuzzing each parser for ${fuzz_seconds} s (cargo fuzz; MESHD_FUZZ_SECONDS=0 skips)"
+    fuzz_ready=1
+    rustup run nightly rustc --version >/dev/null 2>&1 \
+        || rustup toolchain install nightly --profile minimal >/dev/null 2>&1 || fuzz_ready=0
+    if ((fuzz_ready)) && ! cargo fuzz --version >/dev/null 2>&1; then
+        cargo install cargo-fuzz --locked >/dev/null 2>&1 || fuzz_ready=0
+    fi
+    if ((fuzz_ready)); then
+        for target in stun disco relay_frames; do
+            (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="$fuzz_seconds" -max_len=2048 \
+                > "/tmp/meshd-fuzz-$target.$$.log" 2>&1) \
+                || { tail -40 "/tmp/meshd-fuzz-$target.$$.log"; die "fuzz target $target failed (input in fuzz/artifacts/$target/)"; }
+            log "fuzz $target: $(grep -o 'Done [0-9]* runs' "/tmp/meshd-fuzz-$target.$$.log" || echo 'done')"
+            rm -f "/tmp/meshd-fuzz-$target.$$.log"
+        done
+    else
+        log "WARNING: no nightly toolchain or cargo-fuzz could be installed; fuzzing skipped (proptest still ran)"
+    fi
+fi
 
 case ${MESHD_LINT:-strict} in
     strict|warn)
