@@ -18,6 +18,7 @@
 #      MESHD_LINT=strict|warn|skip   what cargo fmt --check / clippy problems do (default strict: fail)
 #      CARGO_TEST_ARGS          what to test instead of --workspace (e.g. "-p meshd-lab")
 #      MESHD_FUZZ_SECONDS       seconds of cargo fuzz per parser (default 15; 0 skips)
+#      MESHD_FUZZ_TOOLCHAIN     the nightly toolchain cargo fuzz uses (default: a dated nightly known to work)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -126,17 +127,19 @@ done
 # and cargo-fuzz: installed here when missing; a machine that cannot get them skips with a warning (a crash found
 # fails the run).
 fuzz_seconds=${MESHD_FUZZ_SECONDS:-15}
+# A dated nightly, so a new nightly cannot break CI; move it forward on purpose.
+fuzz_toolchain=${MESHD_FUZZ_TOOLCHAIN:-nightly-2026-05-19}
 if ((fuzz_seconds > 0)); then
     log "fuzzing each parser for ${fuzz_seconds} s (cargo fuzz; MESHD_FUZZ_SECONDS=0 skips)"
     fuzz_ready=1
-    rustup run nightly rustc --version >/dev/null 2>&1 \
-        || rustup toolchain install nightly --profile minimal >/dev/null 2>&1 || fuzz_ready=0
+    rustup run "$fuzz_toolchain" rustc --version >/dev/null 2>&1 \
+        || rustup toolchain install "$fuzz_toolchain" --profile minimal >/dev/null 2>&1 || fuzz_ready=0
     if ((fuzz_ready)) && ! cargo fuzz --version >/dev/null 2>&1; then
         cargo install cargo-fuzz --locked >/dev/null 2>&1 || fuzz_ready=0
     fi
     if ((fuzz_ready)); then
         for target in stun disco relay_frames; do
-            (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="$fuzz_seconds" -max_len=2048 \
+            (cd fuzz && cargo "+$fuzz_toolchain" fuzz run "$target" -- -max_total_time="$fuzz_seconds" -max_len=2048 \
                 > "/tmp/meshd-fuzz-$target.$$.log" 2>&1) \
                 || { tail -40 "/tmp/meshd-fuzz-$target.$$.log"; die "fuzz target $target failed (input in fuzz/artifacts/$target/)"; }
             log "fuzz $target: $(grep -o 'Done [0-9]* runs' "/tmp/meshd-fuzz-$target.$$.log" || echo 'done')"
