@@ -13,7 +13,6 @@
 mod coordinator;
 mod nodes;
 mod sse;
-mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -254,7 +253,8 @@ fn client(token: Option<&JoinToken>) -> anyhow::Result<reqwest::Client> {
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(30));
     if let Some(fingerprint) = token.and_then(|t| t.fingerprint) {
-        builder = builder.use_preconfigured_tls(tls::pinned_config(fingerprint)?);
+        let verifier = std::sync::Arc::new(meshd_node::tls::PinnedCertVerifier::new(fingerprint));
+        builder = builder.use_preconfigured_tls(meshd_node::tls::pinned_config(verifier)?);
     } else {
         // Before the token exists (health checks): the certificate is not known yet; nothing secret is sent.
         builder = builder.danger_accept_invalid_certs(true);
