@@ -168,3 +168,21 @@ impl SshServer {
         lab.spawn(from, label, "ssh", &args, &[])
     }
 }
+
+/// Lines `tick N` a long-running SSH session (a remote loop echoing `tick $i`) has printed so far.
+pub fn ticks(session: &Process) -> usize {
+    session.log_text().lines().filter(|l| l.starts_with("tick ")).count()
+}
+
+/// Waits until `session` has printed at least `at_least` ticks; fails if it exits first.
+pub fn wait_ticks(session: &mut Process, at_least: usize, timeout: Duration) -> Result<()> {
+    wait::until(
+        &format!("the ssh session to print {at_least} ticks"),
+        timeout,
+        Duration::from_millis(100),
+        || {
+            session.ensure_running()?;
+            Ok((ticks(session) >= at_least).then_some(()))
+        },
+    )
+}

@@ -5,27 +5,10 @@
 use std::thread;
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
-use meshd_lab::process::Process;
-use meshd_lab::ssh::SshServer;
+use anyhow::ensure;
+use meshd_lab::ssh::{SshServer, ticks, wait_ticks};
 use meshd_lab::wait;
 use meshd_lab::{Mesh, scenario};
-
-fn ticks(session: &Process) -> usize {
-    session.log_text().lines().filter(|l| l.starts_with("tick ")).count()
-}
-
-fn wait_ticks(session: &mut Process, at_least: usize, timeout: Duration) -> Result<()> {
-    wait::until(
-        &format!("the ssh session to print {at_least} ticks"),
-        timeout,
-        Duration::from_millis(100),
-        || {
-            session.ensure_running()?;
-            Ok((ticks(session) >= at_least).then_some(()))
-        },
-    )
-}
 
 #[test]
 fn coordinator_outage_keeps_sessions_and_restarts_work_from_cache() {

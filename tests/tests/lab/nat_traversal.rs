@@ -24,8 +24,8 @@ use meshd_lab::lab::{Host, Lab};
 use meshd_lab::natlab::{NatKind, NatSite, nat_scenario};
 use meshd_lab::path::{self, PairPath, PeerPath, PingProbe};
 use meshd_lab::process::Process;
-use meshd_lab::ssh::SshServer;
-use meshd_lab::{Mesh, MeshNode, wait};
+use meshd_lab::ssh::{SshServer, ticks, wait_ticks};
+use meshd_lab::{Mesh, MeshNode};
 
 const SSH_TOOLS: &[&str] = &["conntrack", "sshd", "ssh", "ssh-keygen"];
 /// Scenario 1's bound.
@@ -180,22 +180,6 @@ fn ssh_works(lab: &Lab, client: &MeshNode, server: &MeshNode) -> Result<SshServe
         out.stderr.trim()
     );
     Ok(sshd)
-}
-
-fn ticks(session: &Process) -> usize {
-    session.log_text().lines().filter(|l| l.starts_with("tick ")).count()
-}
-
-fn wait_ticks(session: &mut Process, at_least: usize, timeout: Duration) -> Result<()> {
-    wait::until(
-        &format!("the ssh session to print {at_least} ticks"),
-        timeout,
-        Duration::from_millis(100),
-        || {
-            session.ensure_running()?;
-            Ok((ticks(session) >= at_least).then_some(()))
-        },
-    )
 }
 
 fn traffic(lab: &Lab, from: &Host, to: &MeshNode) -> Result<Process> {
