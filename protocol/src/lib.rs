@@ -7,6 +7,8 @@
 //! - [`proof`]: the join proof, how a joining node proves possession of its private key (X25519 + HMAC).
 //! - [`disco`]: the authenticated path probes agents exchange on the WireGuard socket (ping, pong, call-me-maybe).
 //! - [`netmap`]: a node's view of the network and the deltas that keep it current.
+//! - [`names`]: what a node name and the network's DNS domain may be (both sides enforce the same rules).
+//! - [`dns`]: the name table built from a map and the answer to a DNS query about it (the agent's responder).
 //! - [`stun`]: STUN binding requests and responses (RFC 8489), how a node learns its NAT-mapped address.
 //! - [`relay`]: the frames of the relay connection (`GET /api/v1/relay` upgraded to `meshd-relay`).
 //!
@@ -16,7 +18,9 @@
 
 pub mod api;
 pub mod disco;
+pub mod dns;
 pub mod key;
+pub mod names;
 pub mod netmap;
 pub mod proof;
 pub mod relay;
@@ -24,12 +28,13 @@ pub mod stun;
 pub mod token;
 
 pub use key::{KeyError, PublicKey};
-pub use netmap::{MapMessage, MapNode, NetworkMap, NodeId, NodeKind};
+pub use netmap::{DnsConfig, MapMessage, MapNode, NetworkMap, NodeId, NodeKind};
 pub use token::{CertFingerprint, JoinToken, TokenError};
 
 /// Version of the node <-> coordinator protocol. History:
 /// - 1 (2026-11): join (with a proof of possession of the private key, `GET /api/v1/info`), SSE network map with
 ///   versioned deltas, endpoint reports.
+///   2026-12, compatible additions: the full map's `dns` (network domain); absent from older coordinators.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// HTTP paths of the node-facing API, so both sides name them once.

@@ -70,6 +70,21 @@ pub struct NetworkMap {
     pub self_node: MapNode,
     /// Every peer this node may talk to, sorted by id.
     pub peers: Vec<MapNode>,
+    /// How names resolve in this network. Absent: the coordinator predates names (agents then leave name
+    /// resolution alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsConfig>,
+}
+
+/// The network's naming, carried in every full map. It changes only when the coordinator restarts with another
+/// `--dns-domain`, which sends every node a new full map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DnsConfig {
+    /// The domain every node's name lives in (`gpu-server` is also `gpu-server.<domain>`); canonical per
+    /// [`crate::names::normalize_domain`].
+    #[cfg_attr(feature = "openapi", schema(example = "mesh.internal"))]
+    pub domain: String,
 }
 
 /// One message of the map stream (the `data` of an SSE event named `map`, whose `id` is the version).
@@ -180,6 +195,7 @@ mod tests {
             network: "10.77.0.0/16".parse().expect("cidr"),
             self_node: node(1, "me"),
             peers: vec![node(3, "c")],
+            dns: None,
         };
         NetworkMap::apply(&mut map, MapMessage::Full { map: full }).expect("full");
         NetworkMap::apply(
@@ -227,9 +243,20 @@ mod tests {
             network: "10.77.0.0/16".parse().expect("cidr"),
             self_node: node(1, "me"),
             peers: vec![],
+            dns: Some(DnsConfig {
+                domain: "mesh.internal".into(),
+            }),
         };
         let v = serde_json::to_value(MapMessage::Full { map: full }).expect("json");
         assert_eq!(v["type"], "full");
         assert_eq!(v["map"]["self"]["name"], "me");
+        assert_eq!(v["map"]["dns"]["domain"], "mesh.internal");
+        // A map from a coordinator without names still parses.
+        let mut old = v.clone();
+        old["map"].as_object_mut().expect("object").remove("dns");
+        let MapMessage::Full { map } = serde_json::from_value(old).expect("old map") else {
+            panic!("full")
+        };
+        assert_eq!(map.dns, None);
     }
 }
