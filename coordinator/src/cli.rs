@@ -149,6 +149,19 @@ pub async fn node(storage: &StorageConfig, command: NodeCommand) -> anyhow::Resu
             Err(crate::store::StoreError::NotFound) => bail!("no node {id} (see: node list)"),
             Err(e) => return Err(e.into()),
         },
+        NodeCommand::Rename { id, name } => {
+            crate::naming::validate(&name).map_err(|e| anyhow::anyhow!(e))?;
+            let update = crate::store::NodeUpdate {
+                name: Some(name),
+                tags: None,
+            };
+            match store.update_node(ACTOR, id, update).await {
+                Ok(node) => println!("Node {id} is now {} ({}).", node.name, node.ip),
+                Err(crate::store::StoreError::NotFound) => bail!("no node {id} (see: node list)"),
+                Err(crate::store::StoreError::Conflict(m)) => bail!("{m}"),
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
     store.close().await;
     Ok(())

@@ -114,6 +114,10 @@ pub struct ServeArgs {
         action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub no_relay: bool,
+    /// Domain of the nodes' names: `gpu-server` is also `gpu-server.<domain>` on every node [default:
+    /// mesh.internal]. Changing it sends every node a new map at its next connection.
+    #[arg(long, env = "MESHD_DNS_DOMAIN", value_name = "DOMAIN")]
+    pub dns_domain: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +169,12 @@ pub enum NodeCommand {
     List,
     /// Delete a node: its credential stops working and it leaves every map.
     Delete { id: i64 },
+    /// Rename a node: every node resolves the new name (and stops resolving the old one) within seconds.
+    Rename {
+        id: i64,
+        /// The new name: one DNS label of a-z, 0-9 and `-`.
+        name: String,
+    },
 }
 
 /// Keys of the TOML file.
@@ -184,6 +194,7 @@ pub struct FileConfig {
     pub stun_alt_port: Option<u16>,
     pub no_stun: Option<bool>,
     pub no_relay: Option<bool>,
+    pub dns_domain: Option<String>,
 }
 
 impl FileConfig {
@@ -232,6 +243,8 @@ pub struct ServeConfig {
     pub relay_timers: crate::relay::RelayTimers,
     /// Handler time limit (not a flag: a tuning knob for embedding and tests).
     pub request_timeout: Duration,
+    /// The network's DNS domain, canonical (`meshd_protocol::names::normalize_domain`).
+    pub dns_domain: String,
 }
 
 impl ServeConfig {
@@ -253,6 +266,7 @@ impl ServeConfig {
             presence_grace: crate::presence::DEFAULT_GRACE,
             relay_timers: crate::relay::RelayTimers::default(),
             request_timeout: crate::http::REQUEST_TIMEOUT,
+            dns_domain: meshd_protocol::names::DEFAULT_DNS_DOMAIN.to_string(),
         }
     }
 }
@@ -358,6 +372,13 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
         vec![port, alt]
     };
     let relay = !(args.no_relay || file.no_relay.unwrap_or(false));
+    let dns_domain = meshd_protocol::names::normalize_domain(
+        args.dns_domain
+            .as_deref()
+            .or(file.dns_domain.as_deref())
+            .unwrap_or(meshd_protocol::names::DEFAULT_DNS_DOMAIN),
+    )
+    .context("invalid --dns-domain")?;
     Ok(ServeConfig {
         storage,
         listen,
@@ -370,6 +391,7 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
         presence_grace: crate::presence::DEFAULT_GRACE,
         relay_timers: crate::relay::RelayTimers::default(),
         request_timeout: crate::http::REQUEST_TIMEOUT,
+        dns_domain,
     })
 }
 
@@ -449,5 +471,24 @@ mod tests {
         assert!(validate_public_url("ftp://x").is_err());
         assert!(validate_public_url("https://x/path").is_err());
         assert_eq!(validate_public_url("https://x:1/").expect("ok"), "https://x:1");
+    }
+
+    #[test]
+    fn dns_domain_defaults_and_is_checked() {
+        let cfg = serve(&common(), &ServeArgs::default(), &FileConfig::default()).expect("valid");
+        assert_eq!(cfg.dns_domain, "mesh.internal");
+        let file: FileConfig = toml::from_str("dns_domain = \"Team.Example.com.\"").expect("toml");
+        assert_eq!(
+            serve(&common(), &ServeArgs::default(), &file)
+                .expect("valid")
+                .dns_domain,
+            "team.example.com"
+        );
+        let args = ServeArgs {
+            dns_domain: Some("mesh.local".into()),
+            ..Default::default()
+        };
+        let err = format!("{:#}", serve(&common(), &args, &file).expect_err("mdns"));
+        assert!(err.contains("--dns-domain") && err.contains("mDNS"), "{err}");
     }
 }

@@ -65,6 +65,7 @@ pub async fn run(
         .await
         .with_context(|| format!("opening the database {}", redact_url(&config.storage.database_url)))?;
     check_network(&store, config.network).await?;
+    let full_map_before = map_settings_epoch(&store, config.network, &config.dns_domain).await?;
     let join_key = load_join_key(&store).await?;
 
     let local = listener.local_addr().context("reading the listening address")?;
@@ -114,6 +115,10 @@ pub async fn run(
         broker,
         presence,
         network: config.network,
+        dns: meshd_protocol::DnsConfig {
+            domain: config.dns_domain.clone(),
+        },
+        full_map_before,
         public_url,
         fingerprint,
         join_key,
@@ -161,6 +166,28 @@ async fn check_network(store: &Store, network: ipnet::Ipv4Net) -> anyhow::Result
     }
     store.set_setting(settings_keys::NETWORK, &network.to_string()).await?;
     Ok(())
+}
+
+/// The version below which a resuming node gets a full map instead of deltas: network-wide settings (the network,
+/// the DNS domain) are only in full maps, so when they differ from what the last `serve` had, every node needs a new
+/// one. The next change to be written gets a version above today's newest, so a node that received a full map now
+/// (at today's newest version) still gets full maps on reconnects until that next change: harmless, and cheaper
+/// than a change row per node.
+async fn map_settings_epoch(store: &Store, network: ipnet::Ipv4Net, dns_domain: &str) -> anyhow::Result<u64> {
+    let current = format!("{network} {dns_domain}");
+    let previous = store.setting(settings_keys::MAP_SETTINGS).await?;
+    if previous.as_deref() != Some(current.as_str()) {
+        let epoch = store.current_version().await? + 1;
+        if let Some(previous) = previous {
+            tracing::info!(%previous, %current, "network settings changed: every node gets a new full map");
+        }
+        store
+            .set_setting(settings_keys::FULL_MAP_BEFORE, &epoch.to_string())
+            .await?;
+        store.set_setting(settings_keys::MAP_SETTINGS, &current).await?;
+    }
+    let epoch = store.setting(settings_keys::FULL_MAP_BEFORE).await?;
+    Ok(epoch.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
 /// The join key from the database, generated and stored on the first start (shared by every replica).

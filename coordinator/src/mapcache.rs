@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 
 use ipnet::Ipv4Net;
-use meshd_protocol::{MapMessage, MapNode, NetworkMap, NodeId};
+use meshd_protocol::{DnsConfig, MapMessage, MapNode, NetworkMap, NodeId};
 
 use crate::model::{ChangeRecord, Node};
 use crate::netmap::map_node;
@@ -81,7 +81,7 @@ impl MapCache {
 
     /// The JSON of the `full` message for `viewer` and its version, `None` if the viewer does not exist. The viewer
     /// is shown online: it is asking over its own open stream.
-    pub fn full_map_json(&self, viewer: NodeId, network: Ipv4Net) -> Option<(u64, String)> {
+    pub fn full_map_json(&self, viewer: NodeId, network: Ipv4Net, dns: &DnsConfig) -> Option<(u64, String)> {
         let state = self.read();
         let mut self_node = state.nodes.get(&viewer)?.node.clone();
         self_node.online = true;
@@ -92,6 +92,7 @@ impl MapCache {
                 network,
                 self_node,
                 peers: Vec::new(),
+                dns: Some(dns.clone()),
             },
         })
         .expect("map messages are plain data and always serialize");
@@ -144,17 +145,20 @@ mod tests {
     #[test]
     fn full_map_equals_the_one_built_from_rows() {
         let net: Ipv4Net = "10.77.0.0/16".parse().expect("cidr");
+        let dns = DnsConfig {
+            domain: "mesh.internal".into(),
+        };
         let nodes = vec![node(1), node(2), node(3)];
         let cache = MapCache::new(9, &nodes);
-        let (version, json) = cache.full_map_json(2, net).expect("viewer exists");
+        let (version, json) = cache.full_map_json(2, net, &dns).expect("viewer exists");
         assert_eq!(version, 9);
         let MapMessage::Full { map } = serde_json::from_str(&json).expect("valid JSON") else {
             panic!("not a full map: {json}");
         };
-        let mut expected = crate::netmap::full_map(9, net, 2, &nodes).expect("viewer exists");
+        let mut expected = crate::netmap::full_map(9, net, Some(dns.clone()), 2, &nodes).expect("viewer exists");
         expected.self_node.online = true;
         assert_eq!(map, expected);
-        assert!(cache.full_map_json(4, net).is_none());
+        assert!(cache.full_map_json(4, net, &dns).is_none());
 
         // Changes: a removal and an update move the version and the content.
         cache.apply(&ChangeRecord {
@@ -171,7 +175,7 @@ mod tests {
             kind: ChangeKind::Changed,
             node: Some(renamed),
         });
-        let (version, json) = cache.full_map_json(2, net).expect("viewer exists");
+        let (version, json) = cache.full_map_json(2, net, &dns).expect("viewer exists");
         let MapMessage::Full { map } = serde_json::from_str(&json).expect("valid JSON") else {
             panic!("not a full map");
         };
@@ -183,7 +187,7 @@ mod tests {
 
         // A viewer alone in the network gets an empty peer list.
         let alone = MapCache::new(1, &[node(5)]);
-        let (_, json) = alone.full_map_json(5, net).expect("viewer exists");
+        let (_, json) = alone.full_map_json(5, net, &dns).expect("viewer exists");
         assert!(serde_json::from_str::<MapMessage>(&json).is_ok(), "{json}");
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ipnet::Ipv4Net;
-use meshd_protocol::{MapMessage, MapNode, NetworkMap, NodeId};
+use meshd_protocol::{DnsConfig, MapMessage, MapNode, NetworkMap, NodeId};
 
 use crate::model::{ChangeKind, ChangeRecord, Node, NodeKind};
 
@@ -32,8 +32,15 @@ pub fn map_node(node: &Node) -> MapNode {
     }
 }
 
-/// The full map for `self_id` at `version`, or `None` when that node is not among `nodes`.
-pub fn full_map(version: u64, network: Ipv4Net, self_id: NodeId, nodes: &[Node]) -> Option<NetworkMap> {
+/// The full map for `self_id` at `version`, or `None` when that node is not among `nodes`. The reference the map
+/// cache's spliced JSON is tested against.
+pub fn full_map(
+    version: u64,
+    network: Ipv4Net,
+    dns: Option<DnsConfig>,
+    self_id: NodeId,
+    nodes: &[Node],
+) -> Option<NetworkMap> {
     let self_node = nodes.iter().find(|n| n.id == self_id).map(map_node)?;
     let mut peers: Vec<MapNode> = nodes.iter().filter(|n| n.id != self_id).map(map_node).collect();
     peers.sort_by_key(|p| p.id);
@@ -42,6 +49,7 @@ pub fn full_map(version: u64, network: Ipv4Net, self_id: NodeId, nodes: &[Node])
         network,
         self_node,
         peers,
+        dns,
     })
 }
 
@@ -164,10 +172,10 @@ mod tests {
     fn full_map_separates_self_and_sorts_peers() {
         let net: Ipv4Net = "10.77.0.0/16".parse().expect("cidr");
         let nodes = vec![node(3), node(1), node(2)];
-        let map = full_map(7, net, 2, &nodes).expect("self present");
+        let map = full_map(7, net, None, 2, &nodes).expect("self present");
         assert_eq!(map.self_node.id, 2);
         assert_eq!(map.peers.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1, 3]);
-        assert!(full_map(7, net, 9, &nodes).is_none());
+        assert!(full_map(7, net, None, 9, &nodes).is_none());
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub struct CreatedToken {
 pub struct NodeInfo {
     pub id: NodeId,
     pub name: String,
+    /// The name in the network's DNS domain; resolves on every node (and `name` alone does too).
+    #[schema(example = "gpu-server.mesh.internal")]
+    pub fqdn: String,
     #[schema(value_type = String, example = "10.77.0.5")]
     pub ip: std::net::Ipv4Addr,
     pub public_key: PublicKey,
@@ -99,10 +102,11 @@ pub struct NodeInfo {
     pub created_at: i64,
 }
 
-impl From<Node> for NodeInfo {
-    fn from(n: Node) -> Self {
+impl NodeInfo {
+    pub fn new(n: Node, dns: &meshd_protocol::DnsConfig) -> Self {
         Self {
             id: n.id,
+            fqdn: meshd_protocol::names::fqdn(&n.name, &dns.domain),
             name: n.name,
             ip: n.ip,
             public_key: n.public_key,
@@ -281,7 +285,7 @@ fn not_found_as(e: crate::store::StoreError, message: &str) -> ApiError {
 )]
 pub async fn list_nodes(State(state): State<AppState>, _admin: AdminAuth) -> Result<Json<Vec<NodeInfo>>, ApiError> {
     let nodes = state.store.nodes().await?;
-    Ok(Json(nodes.into_iter().map(NodeInfo::from).collect()))
+    Ok(Json(nodes.into_iter().map(|n| NodeInfo::new(n, &state.dns)).collect()))
 }
 
 /// Register a device that cannot run meshd (e.g. a phone with the WireGuard app) by its public key.
@@ -309,7 +313,7 @@ pub async fn register_device(
         .register_device(&admin.actor(), &request.name, request.public_key, &tags, state.network)
         .await?;
     tracing::info!(node = node.id, name = %node.name, ip = %node.ip, "WireGuard device registered");
-    Ok((StatusCode::CREATED, Json(node.into())))
+    Ok((StatusCode::CREATED, Json(NodeInfo::new(node, &state.dns))))
 }
 
 async fn load_node(state: &AppState, id: NodeId) -> Result<Node, ApiError> {
@@ -337,7 +341,7 @@ pub async fn get_node(
     _admin: AdminAuth,
     ApiPath(id): ApiPath<NodeId>,
 ) -> Result<Json<NodeInfo>, ApiError> {
-    Ok(Json(load_node(&state, id).await?.into()))
+    Ok(Json(NodeInfo::new(load_node(&state, id).await?, &state.dns)))
 }
 
 /// Rename and/or retag a node.
@@ -375,7 +379,7 @@ pub async fn update_node(
         .update_node(&admin.actor(), id, update)
         .await
         .map_err(|e| not_found_as(e, &format!("no node {id}")))?;
-    Ok(Json(node.into()))
+    Ok(Json(NodeInfo::new(node, &state.dns)))
 }
 
 /// Delete a node: its credential stops working at once and it leaves every peer's map.

@@ -52,6 +52,10 @@ pub struct StateInner {
     /// Which nodes have a map stream open; online/offline changes (see [`crate::presence`]).
     pub presence: Arc<crate::presence::Presence>,
     pub network: Ipv4Net,
+    /// Naming, in every full map.
+    pub dns: meshd_protocol::DnsConfig,
+    /// A node resuming from a version below this gets a full map (network settings changed; see `serve`).
+    pub full_map_before: u64,
     /// Written into tokens.
     pub public_url: String,
     /// Written into tokens; `None` when serving plain HTTP.

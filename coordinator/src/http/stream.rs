@@ -424,7 +424,7 @@ impl StreamSession {
     /// node is at afterwards.
     async fn start(&self, since: Option<u64>) -> Result<u64, End> {
         let store = &self.state.store;
-        if let Some(since) = since {
+        if let Some(since) = since.filter(|since| *since >= self.state.full_map_before) {
             // Resuming from the newest version (a reconnect, even across a coordinator restart, when nothing changed
             // meanwhile): nothing was missed, and everything newer arrives through the subscription.
             if since == self.state.broker.cache().version() {
@@ -483,7 +483,7 @@ impl StreamSession {
         let cache = self.state.broker.cache();
         let deadline = Instant::now() + JOIN_WAIT;
         loop {
-            if let Some((version, json)) = cache.full_map_json(self.node_id, self.state.network) {
+            if let Some((version, json)) = cache.full_map_json(self.node_id, self.state.network, &self.state.dns) {
                 self.send(netmap::sse_frame(version, &json), 1).await?;
                 return Ok(version);
             }

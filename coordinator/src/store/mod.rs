@@ -32,7 +32,9 @@ mod settings;
 
 /// Names of the settings rows.
 pub mod settings_keys {
-    pub use super::settings::{CERT_FINGERPRINT, JOIN_KEY, NETWORK, PRUNED_THROUGH, PUBLIC_URL};
+    pub use super::settings::{
+        CERT_FINGERPRINT, FULL_MAP_BEFORE, JOIN_KEY, MAP_SETTINGS, NETWORK, PRUNED_THROUGH, PUBLIC_URL,
+    };
 }
 mod tokens;
 

@@ -13,6 +13,10 @@ pub const NETWORK: &str = "network";
 pub const JOIN_KEY: &str = "join_key";
 /// Every change with a version at or below this was pruned from the log.
 pub const PRUNED_THROUGH: &str = "pruned_through";
+/// What every full map says about the whole network (`<network> <dns domain>`), as the last `serve` had it.
+pub const MAP_SETTINGS: &str = "map_settings";
+/// A node whose map is older than this version needs a full map: [`MAP_SETTINGS`] changed then.
+pub const FULL_MAP_BEFORE: &str = "full_map_before";
 
 impl Store {
     pub async fn setting(&self, key: &str) -> Result<Option<String>> {

@@ -12,6 +12,137 @@ both_backends! {
     auth_and_node_management => auth_and_node_management;
     bad_inputs_are_400_in_our_format => bad_inputs_are_400_in_our_format;
     audit_health_metrics_openapi => audit_health_metrics_openapi;
+    names_are_safe_unique_and_qualified => names_are_safe_unique_and_qualified;
+    a_changed_dns_domain_reaches_resuming_nodes => a_changed_dns_domain_reaches_resuming_nodes;
+}
+
+/// Names: hostile admin input is a 400 that says what is allowed, joins are made safe (and unique with `-2`),
+/// every node shows its FQDN, and the map carries the domain.
+async fn names_are_safe_unique_and_qualified(backend: Backend) {
+    let db = TestDb::new(&backend).await;
+    let c = Coord::start(&db).await;
+    let token = c.token(json!({"reusable": true})).await;
+    let a = c.join(&token, &key(1), "gpu-server").await;
+    assert_eq!(a.name, "gpu-server");
+    assert_eq!(
+        c.join(&token, &key(2), "gpu-server").await.name,
+        "gpu-server-2",
+        "a collision gets -2"
+    );
+    assert_eq!(
+        c.join(&token, &key(3), "localhost").await.name,
+        "node",
+        "a reserved hostname is not kept"
+    );
+    assert_eq!(
+        c.join(&token, &key(4), "12345").await.name,
+        "node-12345",
+        "a number is not an address"
+    );
+    assert_eq!(c.join(&token, &key(5), "My Mac.local").await.name, "my-mac");
+
+    let path = format!("/api/v1/nodes/{}", a.node_id);
+    let long = "x".repeat(300);
+    for hostile in [
+        "localhost",
+        "",
+        &long,
+        "../x",
+        "a b",
+        "gpü",
+        "10.77.0.3",
+        "123",
+        "wpad",
+        "-x",
+        "X",
+    ] {
+        let r = c
+            .admin_send(Method::PATCH, &path, Some(json!({ "name": hostile })))
+            .await;
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(status, 400, "PATCH name {hostile:?}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("a-z") && message.contains("63"),
+            "says what is allowed: {message}"
+        );
+        let r = c
+            .admin_send(
+                Method::POST,
+                "/api/v1/nodes",
+                Some(json!({"name": hostile, "public_key": key(9).to_string()})),
+            )
+            .await;
+        assert_eq!(r.status(), 400, "device name {hostile:?}");
+    }
+    let one: Value = c.admin_json(Method::GET, &path).await;
+    assert_eq!(one["name"], "gpu-server", "nothing was renamed");
+    assert_eq!(one["fqdn"], "gpu-server.mesh.internal");
+
+    let r = c
+        .admin_send(Method::PATCH, &path, Some(json!({"name": "gpu-big"})))
+        .await;
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(
+        (v["name"].as_str(), v["fqdn"].as_str()),
+        (Some("gpu-big"), Some("gpu-big.mesh.internal"))
+    );
+    let nodes: Vec<Value> = c.admin_json(Method::GET, "/api/v1/nodes").await;
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["fqdn"].as_str().is_some_and(|f| f.ends_with(".mesh.internal")))
+    );
+
+    let mut stream = c.stream(&a.credential, None, None).await;
+    let meshd_protocol::MapMessage::Full { map } = stream.next(std::time::Duration::from_secs(5)).await else {
+        panic!("the first message is the full map");
+    };
+    assert_eq!(map.dns.expect("dns in the map").domain, "mesh.internal");
+    assert_eq!(map.self_node.name, "gpu-big");
+    c.stop().await;
+}
+
+/// A coordinator restarted with another `--dns-domain` sends every resuming node a full map with it (the domain
+/// is only in full maps); restarted with the same settings, a resume stays quiet.
+async fn a_changed_dns_domain_reaches_resuming_nodes(backend: Backend) {
+    use meshd_protocol::MapMessage;
+    use std::time::Duration;
+    let db = TestDb::new(&backend).await;
+    let c = Coord::start(&db).await;
+    let token = c.token(json!({"reusable": true})).await;
+    let a = c.join(&token, &key(1), "alpha").await;
+    let mut stream = c.stream(&a.credential, None, None).await;
+    let MapMessage::Full { map } = stream.next(Duration::from_secs(5)).await else {
+        panic!("full map first");
+    };
+    let version = map.version.to_string();
+    drop(stream);
+    c.stop().await;
+
+    // Same settings: a resume is quiet (no full map).
+    let c = Coord::start(&db).await;
+    let mut stream = c.stream(&a.credential, Some(&version), None).await;
+    assert!(
+        !matches!(
+            stream.try_next(Duration::from_millis(500)).await,
+            Some(MapMessage::Full { .. })
+        ),
+        "nothing changed: no full map"
+    );
+    drop(stream);
+    c.stop().await;
+
+    let c = Coord::start_with(&db, |config| config.dns_domain = "team.example.com".into()).await;
+    let mut stream = c.stream(&a.credential, Some(&version), None).await;
+    let MapMessage::Full { map } = stream.next(Duration::from_secs(5)).await else {
+        panic!("a resume after a domain change gets a full map");
+    };
+    assert_eq!(map.dns.expect("dns").domain, "team.example.com");
+    let node: Value = c.admin_json(Method::GET, &format!("/api/v1/nodes/{}", a.node_id)).await;
+    assert_eq!(node["fqdn"], "alpha.team.example.com");
+    c.stop().await;
 }
 
 async fn auth_and_node_management(backend: Backend) {
