@@ -96,7 +96,11 @@ pub struct AgentState {
     pub relay: Arc<RelayStatus>,
     /// What STUN and the interfaces say about this node's own endpoints ([`crate::follow`] writes it).
     pub discovery: Arc<Discovery>,
+    /// How mesh names resolve on this host ([`crate::dns`] writes it).
+    pub dns: crate::dns::StatusCell,
     map: RwLock<Option<NetworkMap>>,
+    /// Every applied map (or `None` once removed), for those who follow it (the name service).
+    maps: tokio::sync::watch::Sender<Option<NetworkMap>>,
     phase: Mutex<Phase>,
 }
 
@@ -108,13 +112,20 @@ impl AgentState {
             dataplane,
             relay: Arc::default(),
             discovery: Arc::default(),
+            dns: Arc::default(),
             map: RwLock::new(None),
+            maps: tokio::sync::watch::Sender::new(None),
             phase: Mutex::new(Phase::Joining),
         }
     }
 
     pub fn map(&self) -> Option<NetworkMap> {
         self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Follows the applied map: the current one at once, then every change (intermediate ones may be skipped).
+    pub fn subscribe_map(&self) -> tokio::sync::watch::Receiver<Option<NetworkMap>> {
+        self.maps.subscribe()
     }
 
     pub fn map_version(&self) -> Option<u64> {
@@ -161,6 +172,7 @@ impl AgentState {
         }
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = Some(next.clone());
         self.dataplane.reconfigure(reconcile::desired_peers(&next));
+        self.maps.send_replace(Some(next.clone()));
         Ok(Some(next))
     }
 
@@ -168,6 +180,7 @@ impl AgentState {
     pub(crate) fn clear(&self) {
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = None;
         self.dataplane.reconfigure(Vec::new());
+        self.maps.send_replace(None);
     }
 }
 
@@ -263,6 +276,7 @@ mod tests {
             network: "10.77.0.0/16".parse().expect("cidr"),
             self_node: node(1),
             peers: vec![node(2)],
+            dns: None,
         };
         assert!(
             agent

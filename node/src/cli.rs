@@ -131,7 +131,36 @@ pub fn status_table(report: &StatusReport) -> String {
         out.push('\n');
     }
     out.push_str(&totals_line(report));
+    out.push_str(&names_line(report));
     out
+}
+
+/// `names: gpu, gpu.mesh.internal, ... via /etc/hosts; DNS responder 10.77.0.2:53`, and why not when they do not
+/// resolve.
+fn names_line(report: &StatusReport) -> String {
+    let Some(dns) = &report.self_node.dns else {
+        return String::new();
+    };
+    let mut line = match (dns.mode.as_str(), &dns.domain) {
+        ("off", _) => "names: not resolved on this host (--dns off)".to_string(),
+        (_, None) => "names: the coordinator sends no DNS domain (it predates names)".to_string(),
+        (mode, Some(domain)) => {
+            let via = match (mode, &dns.hosts_file) {
+                ("resolved", _) => "systemd-resolved".to_string(),
+                (_, Some(path)) => path.clone(),
+                (other, None) => other.to_string(),
+            };
+            format!("names: NAME and NAME.{domain} resolve via {via}")
+        }
+    };
+    if let Some(resolver) = &dns.resolver {
+        line.push_str(&format!("; DNS responder {resolver}"));
+    }
+    if let Some(note) = &dns.note {
+        line.push_str(&format!(" ({note})"));
+    }
+    line.push('\n');
+    line
 }
 
 /// `direct 198.18.1.2:51820 (0.4 ms)`, `relay`, or the engine's word for no path.
@@ -337,7 +366,7 @@ mod tests {
         assert!(table.starts_with("laptop 10.77.0.2 pk:"), "{table}");
         assert!(table.contains("degraded") && table.contains("map v7"), "{table}");
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 5, "{table}");
+        assert_eq!(lines.len(), 6, "{table}");
         assert!(
             lines[2].contains("gpu") && lines[2].contains("12s ago") && lines[2].contains("2.0 KiB"),
             "{table}"
@@ -352,7 +381,14 @@ mod tests {
             lines[4], "2 peers: 1 direct, 1 relayed (3.0 KiB through the relay); relay connected (12.0 ms)",
             "{table}"
         );
+        assert_eq!(
+            lines[5], "names: NAME and NAME.mesh.internal resolve via /etc/hosts; DNS responder 10.77.0.2:53",
+            "{table}"
+        );
         let json = serde_json::to_value(&report).expect("json");
+        assert_eq!(json["self"]["fqdn"], "laptop.mesh.internal");
+        assert_eq!(json["peers"][0]["fqdn"], "gpu.mesh.internal");
+        assert_eq!(json["self"]["dns"]["mode"], "hosts");
         assert_eq!(json["self"]["name"], "laptop");
         assert_eq!(json["peers"][0]["last_handshake"], 12);
         assert_eq!(json["peers"][0]["path"], "direct");

@@ -50,7 +50,8 @@ pub struct JoinArgs {
     /// The join token printed by `meshd-coordinator token create` (starts with `meshd1_`).
     #[arg(env = "MESHD_JOIN_TOKEN", hide_env_values = true)]
     pub token: String,
-    /// Name to ask for; the coordinator makes it DNS-safe and unique. Default: this machine's hostname.
+    /// Name to ask for: one DNS label (a-z, 0-9, `-`); the coordinator adds `-2`, `-3`, ... when it is taken.
+    /// Default: this machine's hostname, made DNS-safe.
     #[arg(long, env = "MESHD_HOSTNAME")]
     pub hostname: Option<String>,
     #[command(flatten)]
@@ -78,6 +79,13 @@ pub struct RunArgs {
     /// Unix group whose members may use the control socket (`meshd status`, `ping`, `down`) without root.
     #[arg(long, env = "MESHD_CONTROL_GROUP")]
     pub control_group: Option<String>,
+    /// How peers' names resolve on this host: systemd-resolved per-link DNS when the host uses it, else a managed
+    /// block in the hosts file (auto); one of them; or off (no DNS responder, no hosts block).
+    #[arg(long, env = "MESHD_DNS", value_enum, default_value_t = crate::dns::DnsMode::Auto)]
+    pub dns: crate::dns::DnsMode,
+    /// The hosts file that gets the block of mesh names (hosts mode).
+    #[arg(long, env = "MESHD_HOSTS_FILE", default_value = "/etc/hosts")]
+    pub hosts_file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -137,6 +145,15 @@ mod tests {
             (up.run.interface.as_str(), up.run.listen_port, up.run.mtu),
             ("mesh0", 51820, 1420)
         );
+        assert_eq!(up.run.dns, crate::dns::DnsMode::Auto);
+        assert_eq!(up.run.hosts_file, PathBuf::from("/etc/hosts"));
+        let cli = Cli::try_parse_from(["meshd", "up", "--dns", "hosts", "--hosts-file", "/tmp/h"]).expect("parses");
+        let Command::Up(up) = cli.command else { panic!("up") };
+        assert_eq!(
+            (up.run.dns, up.run.hosts_file),
+            (crate::dns::DnsMode::Hosts, PathBuf::from("/tmp/h"))
+        );
+        assert!(Cli::try_parse_from(["meshd", "up", "--dns", "magic"]).is_err());
 
         let cli = Cli::try_parse_from(["meshd", "status", "--json", "--state-dir", "/tmp/x"]).expect("parses");
         assert_eq!(cli.state_dir, PathBuf::from("/tmp/x"));

@@ -157,8 +157,13 @@ pub async fn join(
     hostname: Option<String>,
     args: RunArgs,
 ) -> Result<(), DaemonError> {
-    // A mistyped token is reported before anything is created.
+    // A mistyped token or name is reported before anything is created. An explicit name is the user's choice, so
+    // it is checked as strictly as an admin rename; the machine's own hostname (the default) is made DNS-safe by
+    // the coordinator instead.
     JoinToken::parse(token_text)?;
+    if let Some(name) = &hostname {
+        meshd_protocol::names::validate(name).map_err(|e| DaemonError::Preflight(format!("--hostname: {e}")))?;
+    }
     preflight()?;
     state.ensure()?;
     let lock = ctl::lock_state_dir(&state)?;
@@ -239,6 +244,19 @@ async fn run(state: StateDir, args: RunArgs, lock: ctl::StateLock) -> Result<(),
         agent.install(map);
     }
 
+    let names = crate::dns::NameService::start(
+        crate::dns::DnsSettings {
+            mode: args.dns,
+            hosts_file: args.hosts_file.clone(),
+            interface: args.interface.clone(),
+            address: agent.identity.ip,
+            port: crate::dns::DNS_PORT,
+        },
+        agent.subscribe_map(),
+        agent.dns.clone(),
+    )
+    .await;
+
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
     let ctl_server = tokio::spawn(ctl::serve(listener, agent.clone(), shutdown.clone()));
@@ -263,6 +281,8 @@ async fn run(state: StateDir, args: RunArgs, lock: ctl::StateLock) -> Result<(),
     .await;
     shutdown.cancel();
     signals.abort();
+    // Names go first: nothing may resolve to the interface once it is gone.
+    names.stop().await;
     if let Err(e) = relay.await {
         tracing::warn!("relay task failed: {e}");
     }

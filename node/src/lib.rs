@@ -20,13 +20,16 @@
 //! - [`endpoints`]: which local addresses to report as UDP endpoints.
 //! - [`ctl`]: the local control socket (server in the agent, client in the CLI) for status, ping and down.
 //! - [`ping`]: ICMP echo over the overlay from the agent.
+//! - [`dns`]: mesh names on this host: the name table (pure), the DNS responder on the overlay address, and the
+//!   host integration (systemd-resolved per-link DNS, or a managed block in the hosts file).
 //! - [`relay`]: the relay client: one upgraded HTTPS connection to the coordinator carrying datagrams for peers no
 //!   direct path reaches; reconnects with backoff; tells the engine whether it is up.
 //! - [`netcheck`]: STUN servers, probes and the NAT mapping classification (`meshd netcheck`).
 //! - [`engine`]: the data plane (TUN, UDP, boringtun); configured only through `Engine::reconfigure`.
 //!
 //! Invariants: the private key is never sent or logged; `control` knows nothing of WireGuard and `engine` nothing of
-//! HTTP; `reconcile` does no IO; every path derives from `--state-dir`, so agents in different network namespaces
+//! HTTP; `reconcile` and `dns::table` do no IO; the agent changes no
+//! resolver setting outside its own hosts-file block and its own link in systemd-resolved, and removes both on stop; every path derives from `--state-dir`, so agents in different network namespaces
 //! on one machine never collide; the mesh keeps forwarding from the cached map while the coordinator is away.
 
 pub mod agent;
@@ -36,6 +39,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod daemon;
+pub mod dns;
 pub mod endpoints;
 pub mod engine;
 pub mod exposition;

@@ -63,6 +63,7 @@ mod tests {
             network: "10.77.0.0/16".parse().expect("cidr"),
             self_node: node(1, &[]),
             peers,
+            dns: None,
         }
     }
 

@@ -86,7 +86,7 @@ impl CtlClient {
         let mut report = None;
         self.call(&Request::Status, CLIENT_TIMEOUT, |reply| match reply {
             Reply::Status(status) => {
-                report = Some(status);
+                report = Some(*status);
                 Ok(())
             }
             other => Err(CtlError::Protocol(format!("{other:?}"))),

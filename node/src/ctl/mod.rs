@@ -74,7 +74,8 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Status(StatusReport),
+    // Boxed: a status is far larger than the other replies (clippy::large_enum_variant).
+    Status(Box<StatusReport>),
     /// Printed once before the echoes: whom we ping.
     PingStart {
         name: String,
@@ -98,6 +99,9 @@ pub struct StatusReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SelfStatus {
     pub name: String,
+    /// The name in the network's domain (`laptop.mesh.internal`); null from a coordinator without names.
+    #[serde(default)]
+    pub fqdn: Option<String>,
     pub ip: Ipv4Addr,
     pub public_key: String,
     pub node_id: i64,
@@ -120,6 +124,9 @@ pub struct SelfStatus {
     pub endpoints: Vec<String>,
     #[serde(default)]
     pub totals: PathTotals,
+    /// How mesh names resolve on this host (null from an older agent).
+    #[serde(default)]
+    pub dns: Option<crate::dns::DnsStatus>,
 }
 
 /// How the peers are reached, summed over all peers.
@@ -134,6 +141,9 @@ pub struct PathTotals {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerReport {
     pub name: String,
+    /// The name in the network's domain; null from a coordinator without names.
+    #[serde(default)]
+    pub fqdn: Option<String>,
     pub ip: Ipv4Addr,
     pub public_key: String,
     /// Where packets go now (learned or reported); null if unknown.
@@ -189,6 +199,7 @@ pub(crate) fn sample_status() -> StatusReport {
     StatusReport {
         self_node: SelfStatus {
             name: "laptop".into(),
+            fqdn: Some("laptop.mesh.internal".into()),
             ip: "10.77.0.2".parse().expect("ip"),
             public_key: key.clone(),
             node_id: 2,
@@ -212,10 +223,21 @@ pub(crate) fn sample_status() -> StatusReport {
                 relayed_peers: 1,
                 relayed_bytes: 3 * 1024,
             },
+            dns: Some(crate::dns::DnsStatus {
+                mode: "hosts".into(),
+                domain: Some("mesh.internal".into()),
+                resolver: Some("10.77.0.2:53".into()),
+                hosts_file: Some("/etc/hosts".into()),
+                names: 3,
+                answered: 5,
+                ignored: 1,
+                note: None,
+            }),
         },
         peers: vec![
             PeerReport {
                 name: "gpu".into(),
+                fqdn: Some("gpu.mesh.internal".into()),
                 ip: "10.77.0.3".parse().expect("ip"),
                 public_key: key.clone(),
                 endpoint: Some("198.18.2.2:51820".into()),
@@ -231,6 +253,7 @@ pub(crate) fn sample_status() -> StatusReport {
             },
             PeerReport {
                 name: "laptop2".into(),
+                fqdn: Some("laptop2.mesh.internal".into()),
                 ip: "10.77.0.4".parse().expect("ip"),
                 public_key: key,
                 endpoint: Some("198.18.3.3:51820".into()),

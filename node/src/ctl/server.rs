@@ -78,7 +78,7 @@ async fn handle(stream: UnixStream, agent: Arc<AgentState>, shutdown: Cancellati
     };
     tracing::debug!(?request, "control request");
     let result = match request {
-        Request::Status => send(&mut write, &Reply::Status(status_report(&agent))).await,
+        Request::Status => send(&mut write, &Reply::Status(Box::new(status_report(&agent)))).await,
         Request::Netcheck => send(&mut write, &Reply::Netcheck(netcheck(&agent).await)).await,
         Request::Down => {
             tracing::info!("stop requested over the control socket");
@@ -118,6 +118,11 @@ pub fn status_report(agent: &AgentState) -> StatusReport {
     let engine = agent.dataplane.status();
     let map = agent.map();
     let identity = &agent.identity;
+    let fqdn = |name: &str| {
+        map.as_ref()
+            .and_then(|m| m.dns.as_ref())
+            .map(|dns| meshd_protocol::names::fqdn(name, &dns.domain))
+    };
     let peers: Vec<PeerReport> = map
         .as_ref()
         .map(|map| {
@@ -128,6 +133,7 @@ pub fn status_report(agent: &AgentState) -> StatusReport {
                     let (latency_ms, relay_rx_bytes, relay_tx_bytes) = live.map_or((None, 0, 0), path_figures);
                     PeerReport {
                         name: peer.name.clone(),
+                        fqdn: fqdn(&peer.name),
                         ip: peer.ip,
                         public_key: peer.public_key.to_base64(),
                         // The engine's direct address as it is (null on the relay); the map's first candidate
@@ -157,9 +163,11 @@ pub fn status_report(agent: &AgentState) -> StatusReport {
         relayed_peers: peers.iter().filter(|p| p.path == "relay").count(),
         relayed_bytes: peers.iter().map(|p| p.relay_rx_bytes + p.relay_tx_bytes).sum(),
     };
+    let name = self_node.map_or_else(|| identity.name.clone(), |n| n.name.clone());
     StatusReport {
         self_node: SelfStatus {
-            name: self_node.map_or_else(|| identity.name.clone(), |n| n.name.clone()),
+            fqdn: fqdn(&name),
+            name,
             ip: identity.ip,
             public_key: identity.public_key.to_base64(),
             node_id: identity.node_id,
@@ -180,6 +188,7 @@ pub fn status_report(agent: &AgentState) -> StatusReport {
                 .map(ToString::to_string)
                 .collect(),
             totals,
+            dns: Some(agent.dns.snapshot()),
         },
         peers,
     }
@@ -224,24 +233,36 @@ async fn ping(
         )
         .await;
     };
+    // `gpu-server`, `gpu-server.mesh.internal` and `gpu-server.mesh.internal.` all name the same peer.
+    let bare = target.strip_suffix('.').unwrap_or(target);
+    let bare = map
+        .dns
+        .as_ref()
+        .and_then(|dns| {
+            let cut = bare.len().checked_sub(dns.domain.len() + 1)?;
+            let (name, suffix) = (bare.get(..cut)?, bare.get(cut..)?);
+            (suffix.strip_prefix('.')?.eq_ignore_ascii_case(&dns.domain)).then_some(name)
+        })
+        .unwrap_or(bare);
     let peer = match target.parse::<Ipv4Addr>() {
         Ok(ip) => map.peers.iter().find(|p| p.ip == ip),
-        Err(_) => map.peers.iter().find(|p| p.name.eq_ignore_ascii_case(target)),
+        Err(_) => map.peers.iter().find(|p| p.name.eq_ignore_ascii_case(bare)),
     };
     let Some(peer) = peer else {
         let names: Vec<&str> = map.peers.iter().map(|p| p.name.as_str()).collect();
-        let message = if target == map.self_node.name || target.parse::<Ipv4Addr>() == Ok(map.self_node.ip) {
-            format!("{target} is this node")
-        } else {
-            format!(
-                "no peer named {target:?} (peers: {})",
-                if names.is_empty() {
-                    "none".into()
-                } else {
-                    names.join(", ")
-                }
-            )
-        };
+        let message =
+            if bare.eq_ignore_ascii_case(&map.self_node.name) || target.parse::<Ipv4Addr>() == Ok(map.self_node.ip) {
+                format!("{target} is this node")
+            } else {
+                format!(
+                    "no peer named {target:?} (peers: {})",
+                    if names.is_empty() {
+                        "none".into()
+                    } else {
+                        names.join(", ")
+                    }
+                )
+            };
         return send(write, &Reply::Error(message)).await;
     };
     let (dest, key) = (peer.ip, peer.public_key);
