@@ -32,6 +32,7 @@ PACKAGES=(
     conntrack                       # NAT lab: inspect and flush a NAT router's mappings
     wireguard-go wireguard-tools    # lab: stock WireGuard interop
     iperf3 jq ethtool               # benchmarks (tests/bench/meshd.sh, the NAT lab's relay-vs-direct run)
+    dnsutils                        # lab: dig against the agents' DNS responders (names scenario)
 )
 
 [[ $EUID -eq 0 ]] || die "run as root: the tests create network namespaces and TUN devices (sudo bash $0)"
@@ -138,7 +139,7 @@ if ((fuzz_seconds > 0)); then
         cargo install cargo-fuzz --locked >/dev/null 2>&1 || fuzz_ready=0
     fi
     if ((fuzz_ready)); then
-        for target in stun disco relay_frames; do
+        for target in stun disco relay_frames dns; do
             (cd fuzz && cargo "+$fuzz_toolchain" fuzz run "$target" -- -max_total_time="$fuzz_seconds" -max_len=2048 \
                 > "/tmp/meshd-fuzz-$target.$$.log" 2>&1) \
                 || { tail -40 "/tmp/meshd-fuzz-$target.$$.log"; die "fuzz target $target failed (input in fuzz/artifacts/$target/)"; }

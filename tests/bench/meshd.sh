@@ -47,11 +47,12 @@ impl_meshd_up() {
         || die "meshd: apikey create failed: $(tail -3 "$d/apikey.out")"
     token=$("$MESHD_BENCH_COORDINATOR_BIN" token create --reusable --data-dir "$d/coordinator" 2>>"$d/token.err" | tail -1)
     [[ -n $token ]] || die "meshd: token create printed nothing: $(tail -3 "$d/token.err")"
+    # --dns off: the bench's namespaces have no hosts file of their own, and names play no part in the figures.
     for side in a b; do
         if [[ $side == a ]]; then ns=$NS_A; else ns=$NS_B; fi
         spawn "$ns" "$WORKDIR/$IMPL.$side.log" env RUST_LOG="$MESHD_BENCH_RUST_LOG" NO_COLOR=1 \
             "$MESHD_BENCH_BIN" --state-dir "$d/$side" join "$token" --hostname "lab-$side" \
-            --interface "lab-ms$side" --listen-port 51820 --mtu "$OVERLAY_MTU"
+            --interface "lab-ms$side" --listen-port 51820 --mtu "$OVERLAY_MTU" --dns off
     done
     # Both agents up, each listing the other as a peer (wait_for: ~10 s each).
     for side in a b; do

@@ -56,6 +56,21 @@ pub struct Host {
 }
 
 impl Host {
+    /// The host's `/etc/hosts` as seen from outside its namespace (`/etc/netns/NS/hosts`, see [`netns`]).
+    pub fn hosts_file(&self) -> PathBuf {
+        Path::new("/etc/netns").join(&self.ns).join("hosts")
+    }
+
+    /// What `getent hosts NAME` says inside the host (its hosts file, as every program there sees it): the first
+    /// address, or `None` when the name does not resolve.
+    pub fn resolve(&self, name: &str) -> Result<Option<Ipv4Addr>> {
+        let out = self.run("getent", &["ahostsv4", name], Duration::from_secs(10))?;
+        if !out.success() {
+            return Ok(None);
+        }
+        Ok(out.stdout.split_whitespace().next().and_then(|a| a.parse().ok()))
+    }
+
     /// A command that runs `program` inside the host's namespace.
     pub fn command(&self, program: &str) -> Command {
         netns::exec_in(&self.ns, program)

@@ -96,6 +96,11 @@ impl SshServer {
 
     /// The arguments of `ssh` for `root@<address> <remote>`.
     fn client_args(&self, remote: &str) -> Vec<String> {
+        self.client_args_to(&self.address.to_string(), remote)
+    }
+
+    /// The arguments of `ssh` for `root@<destination> <remote>`: the destination as a user types it (a name).
+    fn client_args_to(&self, destination: &str, remote: &str) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "-F".into(),
             "/dev/null".into(),
@@ -117,9 +122,17 @@ impl SshServer {
             args.push("-o".into());
             args.push(option.into());
         }
-        args.push(format!("root@{}", self.address));
+        args.push(format!("root@{destination}"));
         args.push(remote.into());
         args
+    }
+
+    /// Runs `remote` over `ssh root@<destination>` from `from`, the destination a name resolved on `from` (the
+    /// lab's namespaces resolve only what their own hosts file says, so a name cannot lead outside the lab).
+    pub fn run_to(&self, from: &Host, destination: &str, remote: &str, timeout: Duration) -> Result<Output> {
+        let mut command = from.command("ssh");
+        command.args(self.client_args_to(destination, remote));
+        cmd::run(&mut command, timeout)
     }
 
     /// An `ssh root@<address> <remote>` command to run on `from`.

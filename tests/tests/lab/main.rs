@@ -9,6 +9,7 @@ mod connectivity;
 mod coordinator_outage;
 mod harness;
 mod long_session;
+mod names;
 mod nat;
 mod nat_bench;
 mod nat_harness;
