@@ -6,6 +6,7 @@ mod harness;
 mod admin;
 mod cli;
 mod devices;
+mod faults;
 mod joins;
 mod migrations;
 mod persistence;
