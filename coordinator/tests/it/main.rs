@@ -8,6 +8,7 @@ mod cli;
 mod devices;
 mod faults;
 mod joins;
+mod limits;
 mod migrations;
 mod persistence;
 mod proofs;
