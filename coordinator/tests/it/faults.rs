@@ -506,3 +506,153 @@ async fn postgres_restart() {
         ),
     );
 }
+
+/// Where Debian's `faketime` package puts the preload library (multi-threaded variant).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// A `meshd-coordinator serve` process whose wall clock follows a file (libfaketime): writing `+1d` to the file
+/// steps its wall clock a day ahead, as an NTP step or a wrong hardware clock corrected at run time would. The
+/// monotonic clock is left alone (it never jumps on a real machine either). Killed by PID on drop.
+struct JumpingClockCoordinator {
+    child: std::process::Child,
+    clock: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl JumpingClockCoordinator {
+    fn set_offset(&self, offset: &str) {
+        std::fs::write(&self.clock, offset).expect("write the clock file");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for JumpingClockCoordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The wall clock jumps a day ahead and then two days back under a running coordinator. What must hold: it keeps
+/// serving and writing, an open map stream keeps receiving changes, a connected node stays online (presence, the
+/// relay and every timeout run on the monotonic clock), and token expiry follows the wall clock (a token valid for
+/// an hour is expired a day later, valid again once the clock is back: expiry is a date, by design).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clock_jump() {
+    if !Path::new(LIBFAKETIME).exists() {
+        if std::env::var("MESHD_LAB_REQUIRED").is_ok_and(|v| v == "1") {
+            panic!("{LIBFAKETIME} is missing (apt-get install faketime) but MESHD_LAB_REQUIRED=1");
+        }
+        eprintln!("SKIPPED: the clock-jump fault needs libfaketime (apt-get install faketime)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let clock = dir.path().join("clock");
+    std::fs::write(&clock, "+0").expect("clock file");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let bin = env!("CARGO_BIN_EXE_meshd-coordinator");
+    let apikey = Command::new(bin)
+        .args(["--data-dir", data.to_str().expect("utf8"), "apikey", "create"])
+        .env_remove("MESHD_DATABASE_URL")
+        .output()
+        .expect("apikey create");
+    assert!(apikey.status.success(), "{}", String::from_utf8_lossy(&apikey.stderr));
+    let admin_key = String::from_utf8_lossy(&apikey.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let log = dir.path().join("serve.log");
+    let child = Command::new(bin)
+        .args([
+            "--data-dir",
+            data.to_str().expect("utf8"),
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--no-tls", "--no-stun", "--public-url", &base])
+        .env_remove("MESHD_DATABASE_URL")
+        .env("LD_PRELOAD", LIBFAKETIME)
+        .env("FAKETIME_TIMESTAMP_FILE", &clock)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn serve");
+    let coordinator = JumpingClockCoordinator {
+        child,
+        clock,
+        log,
+        _dir: dir,
+    };
+    let c = Coord::external(&base, &admin_key);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c
+        .client
+        .get(c.url("/healthz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "serve did not start: {}", coordinator.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = c.token(json!({"reusable": true})).await;
+    let hourly = c.token(json!({"reusable": true, "expires": "1h"})).await;
+    let a = c.join(&token, &key(1), "a").await;
+    let mut stream = c.stream(&a.credential, None, None).await;
+    stream.next(Duration::from_secs(5)).await;
+    let peer_added = |id: i64| move |m: &meshd_protocol::MapMessage| matches!(m, meshd_protocol::MapMessage::PeerAdded { peer, .. } if peer.id == id);
+    let a_online = |nodes: &Vec<Value>| {
+        nodes
+            .iter()
+            .any(|n| n["id"].as_i64() == Some(a.node_id) && n["online"] == true)
+    };
+
+    coordinator.set_offset("+1d");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_ready(&c, 200, Duration::from_secs(10)).await;
+    let b = c.join(&token, &key(2), "b").await;
+    stream.until(Duration::from_secs(10), peer_added(b.node_id)).await;
+    let r = c.join_raw(&hourly, &key(3), "late").await;
+    assert_eq!(
+        error_code(r).await,
+        (403, "token_expired".into()),
+        "a day later the 1 h token has expired"
+    );
+    let nodes: Vec<Value> = c.admin_json(Method::GET, "/api/v1/nodes").await;
+    assert!(
+        a_online(&nodes),
+        "a connected node stays online across the jump: {nodes:?}"
+    );
+
+    coordinator.set_offset("-1d");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_ready(&c, 200, Duration::from_secs(10)).await;
+    let d = c.join(&token, &key(4), "d").await;
+    stream.until(Duration::from_secs(10), peer_added(d.node_id)).await;
+    let e = c.join(&hourly, &key(5), "e").await;
+    stream.until(Duration::from_secs(10), peer_added(e.node_id)).await;
+    let nodes: Vec<Value> = c.admin_json(Method::GET, "/api/v1/nodes").await;
+    assert!(a_online(&nodes), "and across the jump back: {nodes:?}");
+    drop(stream);
+    drop(coordinator);
+    survived(
+        "clock jump",
+        "wall clock +1 day then -2 days: kept serving and writing, stream and presence unaffected, token expiry \
+         followed the wall clock",
+    );
+}

@@ -264,6 +264,21 @@ impl Coord {
         }
     }
 
+    /// A client of a coordinator the test runs itself (a separate process), with an admin key it made.
+    pub fn external(base: &str, admin_key: &str) -> Self {
+        Self {
+            base: base.to_string(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            admin_key: admin_key.to_string(),
+            cert_pem: None,
+            shutdown: None,
+            task: None,
+        }
+    }
+
     /// Stops the coordinator and waits for it (bounded).
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
