@@ -90,9 +90,14 @@ pub async fn run(
                 Some(acceptor) => {
                     // The handshake and the first head share one deadline.
                     let deadline = tokio::time::Instant::now() + limits.header_timeout;
-                    let Ok(Ok(tls)) = tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await else {
-                        telemetry::connection_timed_out("handshake");
-                        return;
+                    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        // Not TLS, or a failed handshake: the client learns it from the closed connection.
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            telemetry::connection_timed_out("handshake");
+                            return;
+                        }
                     };
                     connection(tls, app, state, limits, deadline, cancel).await;
                 }

@@ -444,9 +444,13 @@ impl WriteTx<'_> {
 }
 
 /// The pool's check of a connection coming back (see the module doc): keep it only if it is outside any
-/// transaction. The ping first lets a queued `ROLLBACK` (sqlx issues it when a transaction is dropped) finish, so
-/// only a connection whose rollback failed is closed. Errors close the connection too.
+/// transaction. Costs nothing on the common path (no transaction open). Otherwise a ping first lets a queued
+/// `ROLLBACK` finish (sqlx queues one when a transaction is dropped; SQLite's worker lowers the depth only once it
+/// ran), so only a connection whose rollback failed is closed. Errors close the connection too.
 async fn connection_is_clean(connection: &mut AnyConnection) -> std::result::Result<bool, sqlx::Error> {
+    if !connection.is_in_transaction() {
+        return Ok(true);
+    }
     connection.ping().await?;
     if connection.is_in_transaction() {
         tracing::warn!("closing a database connection left inside a failed transaction; the pool opens a fresh one");
