@@ -532,6 +532,31 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_and_log_format() {
+        let cfg = serve(&common(), &ServeArgs::default(), &FileConfig::default()).expect("valid");
+        assert_eq!(cfg.limits, ConnectionLimits::default());
+        let file: FileConfig = toml::from_str(
+            "header_timeout = \"2s\"\nidle_timeout = \"1m\"\nmax_connections_per_ip = 0\nlog_format = \"json\"",
+        )
+        .expect("toml");
+        let args = ServeArgs {
+            header_timeout: Some(Duration::from_secs(5)),
+            ..Default::default()
+        };
+        let cfg = serve(&common(), &args, &file).expect("valid");
+        assert_eq!(cfg.limits.header_timeout, Duration::from_secs(5), "flag beats file");
+        assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.limits.max_per_ip, 0);
+        assert_eq!(log_format(&args, &file), LogFormat::Json);
+        assert!(toml::from_str::<FileConfig>("idle_timeout = \"soon\"").is_err());
+        let zero = ServeArgs {
+            idle_timeout: Some(Duration::ZERO),
+            ..Default::default()
+        };
+        assert!(serve(&common(), &zero, &FileConfig::default()).is_err());
+    }
+
+    #[test]
     fn rejects_bad_input() {
         assert!(
             toml::from_str::<FileConfig>("netwrok = \"10.0.0.0/8\"").is_err(),
