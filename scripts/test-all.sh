@@ -9,7 +9,9 @@
 #      coordinator suite runs on PostgreSQL as well as SQLite (MESHD_TEST_REQUIRE_POSTGRES=1: it must);
 #   3. builds the binaries (one profile: dev, which optimizes dependencies) and runs `cargo test --workspace`,
 #      including the end-to-end scenarios in network namespaces (tests/), which must run, not skip
-#      (MESHD_LAB_REQUIRED=1); then a 200-node smoke run of the load generator (meshd-loadgen) on both databases;
+#      (MESHD_LAB_REQUIRED=1); then the fault-injection suite (disk full, read-only directory, database restart,
+#      corrupted page, clock jump: one line per fault, survived or not); then a 200-node smoke run of the load
+#      generator (meshd-loadgen) on both databases;
 #   4. checks formatting and clippy (MESHD_LINT=strict: a problem fails the run; warn: reported only; skip).
 # Idempotent: what is installed or running already is left as it is.
 #
@@ -33,6 +35,7 @@ PACKAGES=(
     wireguard-go wireguard-tools    # lab: stock WireGuard interop
     iperf3 jq ethtool               # benchmarks (tests/bench/meshd.sh, the NAT lab's relay-vs-direct run)
     dnsutils                        # lab: dig against the agents' DNS responders (names scenario)
+    faketime                        # fault suite: a wall-clock jump under a running coordinator
 )
 
 [[ $EUID -eq 0 ]] || die "run as root: the tests create network namespaces and TUN devices (sudo bash $0)"
@@ -111,8 +114,28 @@ command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustu
 log "building (dev profile)"
 cargo build --workspace --bins
 log "running all tests"
+# The fault suite runs on its own below (one line per fault), not twice.
 # shellcheck disable=SC2086
-cargo test ${CARGO_TEST_ARGS:---workspace} --no-fail-fast
+cargo test ${CARGO_TEST_ARGS:---workspace} --no-fail-fast -- --skip faults::
+
+# Fault injection against a running coordinator (coordinator/tests/it/faults.rs): each fault is one test that prints
+# `FAULT <name>: survived (...)`; a fault that was not survived, or one that skipped, fails the run.
+if [[ -z ${CARGO_TEST_ARGS:-} ]]; then
+    log "fault-injection suite"
+    faults_ok=1
+    for fault in disk_full read_only_directory postgres_restart corrupted_page clock_jump; do
+        out=$(cargo test -q -p meshd-coordinator --test it "faults::$fault" -- --exact --nocapture 2>&1) && passed=1 || passed=0
+        line=$(grep -m1 '^FAULT ' <<<"$out" || true)
+        if ((passed)) && [[ -n $line ]]; then
+            log "$line"
+        else
+            faults_ok=0
+            log "FAULT $fault: NOT survived"
+            grep -E 'SKIPPED|panicked|assert|left|right' <<<"$out" | head -20 || true
+        fi
+    done
+    ((faults_ok)) || die "the coordinator did not survive every injected fault (see above)"
+fi
 
 # The control-plane load generator against the debug coordinator, 200 nodes on each database (well under a minute):
 # every scenario runs and a missed target or any error fails the run, so the generator cannot rot.

@@ -25,6 +25,18 @@ pub const DEFAULT_KEEP_CHANGES: u64 = 10_000;
 /// endpoint-dependent one (same mapped port seen from both or not).
 pub const DEFAULT_STUN_PORT: u16 = 3478;
 pub const DEFAULT_STUN_ALT_PORT: u16 = 3479;
+/// A new connection has this long for its TLS handshake and first request head. An agent sends both at once; only a
+/// client that holds connections open without speaking (a descriptor-exhaustion attack) ever needs it.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A kept-alive API connection is closed after this long without a new request head (or with a head that does not
+/// finish in this time). Below reqwest's 90 s pool idle time would only cost agents a reconnect, and agents' calls are
+/// minutes apart: 60 s keeps the count of idle descriptors bounded. Map streams and relay connections are not
+/// affected (they have their own keepalives).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Open connections allowed from one source address. Each node holds one map stream and at times a relay
+/// connection and an API call, so 1,024 is several hundred nodes behind one NAT; a client opening connections from
+/// one address cannot take the descriptors every other node needs.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 1024;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -118,6 +130,51 @@ pub struct ServeArgs {
     /// mesh.internal]. Changing it sends every node a new map at its next connection.
     #[arg(long, env = "MESHD_DNS_DOMAIN", value_name = "DOMAIN")]
     pub dns_domain: Option<String>,
+    /// Time a new connection has for its TLS handshake and first request head, e.g. 10s [default: 10s].
+    #[arg(long, env = "MESHD_HEADER_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub header_timeout: Option<Duration>,
+    /// Idle API connections (no new request head) are closed after this, e.g. 60s; map streams and relay
+    /// connections have keepalives of their own and are not affected [default: 60s].
+    #[arg(long, env = "MESHD_IDLE_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Most connections open at once from one IP address; more are closed at once (0: no limit) [default: 1024].
+    #[arg(long, env = "MESHD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<u32>,
+    /// Log format: `text` (coloured only when stderr is a terminal) or `json` (one object per line).
+    #[arg(long, env = "MESHD_LOG_FORMAT", value_name = "FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// How `serve` writes its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; ANSI colours only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Connection limits of the listener (see `http::serve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// TLS handshake plus first request head.
+    pub header_timeout: Duration,
+    /// Without a new request head on a kept-alive API connection.
+    pub idle_timeout: Duration,
+    /// Open connections per source IP; 0: no limit.
+    pub max_per_ip: u32,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,6 +252,25 @@ pub struct FileConfig {
     pub no_stun: Option<bool>,
     pub no_relay: Option<bool>,
     pub dns_domain: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub idle_timeout: Option<Duration>,
+    pub max_connections_per_ip: Option<u32>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// Durations in the file are written as on the command line (`"10s"`, `"2m"`).
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(|text| humantime::parse_duration(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 impl FileConfig {
@@ -245,6 +321,8 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// The network's DNS domain, canonical (`meshd_protocol::names::normalize_domain`).
     pub dns_domain: String,
+    /// Header and idle timeouts, connections per source address.
+    pub limits: ConnectionLimits,
 }
 
 impl ServeConfig {
@@ -267,6 +345,7 @@ impl ServeConfig {
             relay_timers: crate::relay::RelayTimers::default(),
             request_timeout: crate::http::REQUEST_TIMEOUT,
             dns_domain: meshd_protocol::names::DEFAULT_DNS_DOMAIN.to_string(),
+            limits: ConnectionLimits::default(),
         }
     }
 }
@@ -379,6 +458,20 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
             .unwrap_or(meshd_protocol::names::DEFAULT_DNS_DOMAIN),
     )
     .context("invalid --dns-domain")?;
+    let limits = ConnectionLimits {
+        header_timeout: args
+            .header_timeout
+            .or(file.header_timeout)
+            .unwrap_or(DEFAULT_HEADER_TIMEOUT),
+        idle_timeout: args.idle_timeout.or(file.idle_timeout).unwrap_or(DEFAULT_IDLE_TIMEOUT),
+        max_per_ip: args
+            .max_connections_per_ip
+            .or(file.max_connections_per_ip)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
+    };
+    if limits.header_timeout.is_zero() || limits.idle_timeout.is_zero() {
+        bail!("--header-timeout and --idle-timeout must be longer than zero (e.g. 10s)");
+    }
     Ok(ServeConfig {
         storage,
         listen,
@@ -392,7 +485,13 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
         relay_timers: crate::relay::RelayTimers::default(),
         request_timeout: crate::http::REQUEST_TIMEOUT,
         dns_domain,
+        limits,
     })
+}
+
+/// The log format of `serve`: flag or environment, then the file, then text.
+pub fn log_format(args: &ServeArgs, file: &FileConfig) -> LogFormat {
+    args.log_format.or(file.log_format).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -452,6 +551,31 @@ mod tests {
             serve(&common(), &ephemeral, &file).expect("valid").stun_ports,
             vec![0, 0]
         );
+    }
+
+    #[test]
+    fn connection_limits_and_log_format() {
+        let cfg = serve(&common(), &ServeArgs::default(), &FileConfig::default()).expect("valid");
+        assert_eq!(cfg.limits, ConnectionLimits::default());
+        let file: FileConfig = toml::from_str(
+            "header_timeout = \"2s\"\nidle_timeout = \"1m\"\nmax_connections_per_ip = 0\nlog_format = \"json\"",
+        )
+        .expect("toml");
+        let args = ServeArgs {
+            header_timeout: Some(Duration::from_secs(5)),
+            ..Default::default()
+        };
+        let cfg = serve(&common(), &args, &file).expect("valid");
+        assert_eq!(cfg.limits.header_timeout, Duration::from_secs(5), "flag beats file");
+        assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.limits.max_per_ip, 0);
+        assert_eq!(log_format(&args, &file), LogFormat::Json);
+        assert!(toml::from_str::<FileConfig>("idle_timeout = \"soon\"").is_err());
+        let zero = ServeArgs {
+            idle_timeout: Some(Duration::ZERO),
+            ..Default::default()
+        };
+        assert!(serve(&common(), &zero, &FileConfig::default()).is_err());
     }
 
     #[test]

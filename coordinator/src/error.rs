@@ -69,6 +69,18 @@ impl ApiError {
         )
     }
 
+    /// The database cannot write now (disk full, read-only, server away): logged as an error (an operator must act)
+    /// and answered 503, so clients retry later and monitors see an outage, not a bug.
+    pub fn unavailable(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "the database cannot take writes; see /readyz");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::UNAVAILABLE,
+            "the coordinator cannot write to its database right now (disk full, read-only or database server \
+             away); retry later; the operator finds the cause in the coordinator's log",
+        )
+    }
+
     /// Logs the cause; the client learns only that it was our fault.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error answering a request");
@@ -99,6 +111,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(message) => Self::conflict(message),
             StoreError::Token(rejection) => rejection.into(),
             StoreError::NetworkFull(_) => Self::new(StatusCode::CONFLICT, codes::NETWORK_FULL, error.to_string()),
+            other if other.is_unavailable() => Self::unavailable(other),
             other => Self::internal(other),
         }
     }

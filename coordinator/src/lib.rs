@@ -61,9 +61,13 @@ pub async fn run(
     let metrics = telemetry::handle();
     std::fs::create_dir_all(&config.storage.data_dir)
         .with_context(|| format!("creating the data directory {}", config.storage.data_dir.display()))?;
+    if let Some(file) = store::sqlite_file(&config.storage.database_url) {
+        check_writable(file.parent().unwrap_or(std::path::Path::new(".")))?;
+    }
     let store = Store::connect(&config.storage.database_url)
         .await
         .with_context(|| format!("opening the database {}", redact_url(&config.storage.database_url)))?;
+    check_integrity(&store, &config.storage.database_url).await?;
     check_network(&store, config.network).await?;
     let full_map_before = map_settings_epoch(&store, config.network, &config.dns_domain).await?;
     let join_key = load_join_key(&store).await?;
@@ -141,12 +145,60 @@ pub async fn run(
     listener.set_nonblocking(true).context("configuring the listener")?;
     let listener = tokio::net::TcpListener::from_std(listener).context("registering the listener")?;
     tokio::spawn(on_shutdown);
-    let served = http::serve::run(listener, tls_config, app, state, cancel.clone())
+    let served = http::serve::run(listener, tls_config, app, state, config.limits, cancel.clone())
         .await
         .context(if tls_on { "serving HTTPS" } else { "serving HTTP" });
     cancel.cancel();
     store.close().await;
     served
+}
+
+/// SQLite writes its WAL and lock files next to the database: a read-only directory (a volume mounted `ro`, a file
+/// system the kernel remounted read-only after errors) would only show up as failing joins. Say so at start instead.
+fn check_writable(dir: &std::path::Path) -> anyhow::Result<()> {
+    let probe = dir.join(format!(".meshd-write-check-{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, b"ok"));
+    let _ = std::fs::remove_file(&probe);
+    if let Err(e) = written {
+        let what = if e.raw_os_error() == Some(libc::EROFS) {
+            "is on a read-only file system"
+        } else {
+            "is not writable"
+        };
+        bail!(
+            "the database directory {} {what} ({e}): the coordinator must write its database there; remount it \
+             read-write or fix its permissions, or choose another directory with --data-dir (or a database with \
+             --database-url)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses to serve from a damaged SQLite file (the error says to restore from a backup); a check that does not
+/// finish in time is reported and start-up goes on.
+async fn check_integrity(store: &Store, url: &str) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let finished = store
+        .check_integrity(store::INTEGRITY_CHECK_TIMEOUT)
+        .await
+        .with_context(|| format!("checking the database {}", redact_url(url)))
+        .inspect_err(|e| tracing::error!(error = %format!("{e:#}"), "refusing to serve from a damaged database"))?;
+    if finished {
+        tracing::debug!(took = ?started.elapsed(), "database integrity check passed");
+    } else {
+        tracing::warn!(
+            limit = ?store::INTEGRITY_CHECK_TIMEOUT,
+            "the database integrity check did not finish in time; serving without it (run `sqlite3 meshd.db \
+             'PRAGMA quick_check'` while the coordinator is stopped to check it)"
+        );
+    }
+    Ok(())
 }
 
 /// Refuses to start when nodes hold addresses outside the configured network (a changed `--network`): they would

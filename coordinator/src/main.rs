@@ -1,22 +1,22 @@
 //! `meshd-coordinator`: parses the command line, sets up logging, and hands over to the library.
 
+use std::io::IsTerminal;
 use std::net::TcpListener;
 
 use anyhow::Context;
 use clap::Parser;
-use meshd_coordinator::config::{self, Cli, Command};
+use meshd_coordinator::config::{self, Cli, Command, LogFormat};
 use meshd_coordinator::{cli, run};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let log_format = match &args.command {
+        // A config file that does not load is reported when `serve` loads it again below; until then, text.
+        Command::Serve(serve) => config::log_format(serve, &config::load_file(&args.common).unwrap_or_default()),
+        _ => LogFormat::Text,
+    };
+    init_logging(log_format);
     match args.command {
         Command::Serve(serve) => {
             raise_open_files_limit();
@@ -34,6 +34,20 @@ async fn main() -> anyhow::Result<()> {
         Command::Apikey(command) => cli::apikey(&cli::storage_for(&args.common)?, command).await,
         Command::Token(command) => cli::token(&cli::storage_for(&args.common)?, command).await,
         Command::Node(command) => cli::node(&cli::storage_for(&args.common)?, command).await,
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`. Colours only when stderr is a terminal: escape codes in a log file or a
+/// journal are noise that breaks grep.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
     }
 }
 

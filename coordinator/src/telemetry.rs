@@ -29,6 +29,13 @@ pub const RELAY_BYTES: &str = "meshd_relay_bytes_total";
 /// Counter: datagrams the relay dropped, by `reason` (`no_peer`: the destination has no connection here;
 /// `queue_full`: the receiver reads too slowly).
 pub const RELAY_DROPPED: &str = "meshd_relay_dropped_packets_total";
+/// Counter: connections closed at accept, by `reason` (`per_ip_limit`: the source address has too many open).
+pub const CONNECTIONS_REFUSED: &str = "meshd_connections_refused_total";
+/// Counter: connections closed because their TLS handshake or first request head did not complete in time, by
+/// `phase` (`handshake`, `header`).
+pub const CONNECTIONS_TIMED_OUT: &str = "meshd_connections_timed_out_total";
+/// Gauge: 1 when the last write (or write probe) committed, 0 when it failed (what `/readyz` answers).
+pub const DATABASE_WRITABLE: &str = "meshd_database_writable";
 
 /// Latency buckets in seconds: API calls take milliseconds; a slow database shows up in the upper buckets.
 const BUCKETS: &[f64] = &[
@@ -85,4 +92,26 @@ pub fn describe() {
         RELAY_DROPPED,
         "Datagrams the relay dropped, by reason (no_peer, queue_full)."
     );
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed at accept, by reason (per_ip_limit)."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_TIMED_OUT,
+        "Connections closed for a TLS handshake or first request head not finished in time, by phase."
+    );
+    metrics::describe_gauge!(
+        DATABASE_WRITABLE,
+        "1 when the last database write or write probe committed, 0 when it failed."
+    );
+}
+
+/// Counts a connection closed at accept.
+pub fn connection_refused(reason: &'static str) {
+    metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+/// Counts a connection closed for a handshake or head not finished in time.
+pub fn connection_timed_out(phase: &'static str) {
+    metrics::counter!(CONNECTIONS_TIMED_OUT, "phase" => phase).increment(1);
 }

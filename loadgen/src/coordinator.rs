@@ -146,6 +146,10 @@ impl Coordinator {
         if !self.tls {
             command.arg("--no-tls");
         }
+        if self.knows_flag("--max-connections-per-ip") {
+            // Every simulated node connects from 127.0.0.1: the per-address cap would refuse most of them.
+            command.args(["--max-connections-per-ip", "0"]);
+        }
         if self.knows_flag("--no-stun") {
             // STUN listens on fixed UDP ports by default: not needed here, and runs must not collide.
             command.arg("--no-stun");

@@ -40,7 +40,10 @@ pub enum ControlError {
         "the coordinator at {url} presented a certificate with SHA-256 {got}, but the join token pins {expected}: this is not the coordinator your admin set up (or its certificate changed); ask for a new token"
     )]
     FingerprintMismatch { url: String, expected: String, got: String },
-    #[error("the coordinator rejected the join token: {reason} ({code}: {message}); ask your admin for a new token")]
+    #[error(
+        "the coordinator rejected the join token: {reason} ({code}: {message}){}",
+        next_step_unless_given(message)
+    )]
     TokenRejected {
         code: String,
         reason: &'static str,
@@ -59,6 +62,16 @@ pub enum ControlError {
     Protocol(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
+}
+
+/// The advice to get a new token, unless the coordinator's message already gives it (it does for every refusal it
+/// explains; saying it twice in one line reads like two problems).
+fn next_step_unless_given(message: &str) -> &'static str {
+    if message.contains("ask your admin") {
+        ""
+    } else {
+        "; ask your admin for a new token"
+    }
 }
 
 impl ControlError {
@@ -536,6 +549,28 @@ mod tests {
             "revoked".into(),
         );
         assert!(error.to_string().contains("revoked"), "{error}");
+    }
+
+    #[test]
+    fn token_advice_is_given_once() {
+        let from_coordinator = "this join token is not known to the coordinator (wrong secret, or a token of another \
+                                coordinator); ask your admin for a new one: meshd-coordinator token create";
+        let text = join_error(
+            StatusCode::UNAUTHORIZED,
+            error_codes::TOKEN_INVALID.into(),
+            from_coordinator.into(),
+        )
+        .to_string();
+        assert_eq!(text.matches("ask your admin").count(), 1, "{text}");
+        assert!(text.contains("meshd-coordinator token create"), "{text}");
+        // A message without advice (an older coordinator, a proxy's answer) still gets it.
+        let text = join_error(
+            StatusCode::FORBIDDEN,
+            error_codes::TOKEN_EXPIRED.into(),
+            "expired".into(),
+        )
+        .to_string();
+        assert_eq!(text.matches("ask your admin").count(), 1, "{text}");
     }
 
     #[tokio::test]

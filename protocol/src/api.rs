@@ -112,4 +112,7 @@ pub mod error_codes {
     pub const NETWORK_FULL: &str = "network_full";
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
     pub const INTERNAL: &str = "internal";
+    /// The coordinator cannot write to its database right now (disk full, read-only, database server away): retry
+    /// later; the operator finds the cause in the coordinator's log and `/readyz`.
+    pub const UNAVAILABLE: &str = "unavailable";
 }

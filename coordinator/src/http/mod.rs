@@ -131,6 +131,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(admin::wireguard_config))
         .routes(routes!(admin::audit_log))
         .routes(routes!(meta::healthz))
+        .routes(routes!(meta::readyz))
         .routes(routes!(meta::metrics))
         .routes(routes!(meta::openapi))
         .split_for_parts();

@@ -9,19 +9,29 @@
 //! and queue (~4 KiB). At 10,000 nodes that is over 400 MiB for connections that only ever write small deltas. Here a
 //! map stream keeps rustls, a small task and its queue, and writes its chunks straight to the connection.
 //!
+//! Limits, because the open-descriptor limit is what caps a coordinator: a new connection has
+//! [`ConnectionLimits::header_timeout`] for its TLS handshake and first request head; a kept-alive API connection is
+//! closed after [`ConnectionLimits::idle_timeout`] without a complete new head (hyper's header read timeout, which
+//! runs from the moment it waits for the next request); at most [`ConnectionLimits::max_per_ip`] connections are open
+//! from one source address, more are closed at once and counted (`meshd_connections_refused_total`). Map streams
+//! and upgraded relay connections leave these timeouts behind once their request is read: they carry their own
+//! keepalives and idle timeouts.
+//!
 //! Shutdown: stop accepting, end map streams (their sessions watch the cancellation token), ask hyper connections to
 //! finish their current request, and wait for them up to [`GRACEFUL_SHUTDOWN`].
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use bytes::{Buf, Bytes, BytesMut};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -31,13 +41,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::AppState;
 use super::stream::{self, MapRequest};
+use crate::config::ConnectionLimits;
+use crate::telemetry;
 
 /// How long shutdown waits for open requests (map streams end at once on shutdown).
 pub const GRACEFUL_SHUTDOWN: Duration = Duration::from_secs(5);
 /// Longest request head read before the request is routed (a larger one goes to hyper, which answers 431).
 const MAX_HEAD: usize = 16 * 1024;
-/// A client has this long for its TLS handshake and request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after an accept error (out of file descriptors: let some close).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -47,12 +57,14 @@ pub async fn run(
     tls: Option<Arc<rustls::ServerConfig>>,
     app: Router,
     state: AppState,
+    limits: ConnectionLimits,
     cancel: CancellationToken,
 ) -> io::Result<()> {
     let acceptor = tls.map(TlsAcceptor::from);
     let open = Arc::new(Open::default());
+    let per_ip = Arc::new(PerIp::new(limits.max_per_ip));
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             () = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -63,19 +75,36 @@ pub async fn run(
                 }
             },
         };
+        let Some(ip_slot) = per_ip.enter(peer.ip()) else {
+            // Closed before a byte is read: costs the descriptor for microseconds only.
+            drop(tcp);
+            telemetry::connection_refused("per_ip_limit");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let guard = open.enter();
         let (acceptor, app, state, cancel) = (acceptor.clone(), app.clone(), state.clone(), cancel.clone());
         tokio::spawn(async move {
-            let _guard = guard;
+            let _guards = (guard, ip_slot);
             match acceptor {
                 Some(acceptor) => {
-                    let Ok(Ok(tls)) = tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(tcp)).await else {
-                        return;
+                    // The handshake and the first head share one deadline.
+                    let deadline = tokio::time::Instant::now() + limits.header_timeout;
+                    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        // Not TLS, or a failed handshake: the client learns it from the closed connection.
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            telemetry::connection_timed_out("handshake");
+                            return;
+                        }
                     };
-                    connection(tls, app, state, cancel).await;
+                    connection(tls, app, state, limits, deadline, cancel).await;
                 }
-                None => connection(tcp, app, state, cancel).await,
+                None => {
+                    let deadline = tokio::time::Instant::now() + limits.header_timeout;
+                    connection(tcp, app, state, limits, deadline, cancel).await;
+                }
             }
         });
     }
@@ -84,21 +113,40 @@ pub async fn run(
     Ok(())
 }
 
-/// One accepted connection: the map stream path, or hyper.
-async fn connection<IO>(mut io: IO, app: Router, state: AppState, cancel: CancellationToken)
-where
+/// One accepted connection: the map stream path, or hyper. The first head must be complete by `head_deadline`.
+async fn connection<IO>(
+    mut io: IO,
+    app: Router,
+    state: AppState,
+    limits: ConnectionLimits,
+    head_deadline: tokio::time::Instant,
+    cancel: CancellationToken,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut head = BytesMut::with_capacity(1024);
-    let routed = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut io, &mut head)).await;
-    let Ok(Ok(complete)) = routed else { return };
+    let routed = tokio::time::timeout_at(head_deadline, read_head(&mut io, &mut head)).await;
+    let complete = match routed {
+        Ok(Ok(complete)) => complete,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            telemetry::connection_timed_out("header");
+            return;
+        }
+    };
     if complete && let Some(request) = MapRequest::parse(&head) {
         drop(head);
         // Boxed so the task holds only a pointer while it runs either branch.
         Box::pin(stream::serve_raw(io, request, state)).await;
         return;
     }
-    Box::pin(hyper_connection(Rewind::new(head.freeze(), io), app, cancel)).await;
+    Box::pin(hyper_connection(
+        Rewind::new(head.freeze(), io),
+        app,
+        limits.idle_timeout,
+        cancel,
+    ))
+    .await;
 }
 
 /// Reads until the end of the request head (true), the size cap or EOF (false: hyper then answers or closes).
@@ -123,12 +171,17 @@ fn memchr_head_end(head: &[u8]) -> bool {
     head.windows(4).any(|w| w == b"\r\n\r\n")
 }
 
-async fn hyper_connection<IO>(io: Rewind<IO>, app: Router, cancel: CancellationToken)
+/// Serves API requests on one connection. hyper's header read timeout runs from the moment it waits for a request
+/// head, so it is also the idle timeout of a kept-alive connection; it does not run while a request is handled, nor
+/// after an upgrade (the relay) has taken the connection.
+async fn hyper_connection<IO>(io: Rewind<IO>, app: Router, idle_timeout: Duration, cancel: CancellationToken)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = TowerToHyperService::new(app);
     let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle_timeout)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
@@ -138,6 +191,60 @@ where
     }
     connection.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(GRACEFUL_SHUTDOWN, connection).await;
+}
+
+/// Open connections per source address, capped (0: no cap). A std mutex: held for one map operation, never across
+/// an await.
+struct PerIp {
+    max: u32,
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One connection's place in [`PerIp`]; given back on drop.
+struct PerIpSlot {
+    table: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn new(max: u32) -> Self {
+        Self {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for a connection from `ip`, or `None` when that address has `max` open already.
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<PerIpSlot> {
+        let ip = ip.to_canonical();
+        if self.max > 0 {
+            let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+            let count = open.entry(ip).or_insert(0);
+            if *count >= self.max {
+                return None;
+            }
+            *count += 1;
+        }
+        Some(PerIpSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIpSlot {
+    fn drop(&mut self) {
+        if self.table.max == 0 {
+            return;
+        }
+        let mut open = self.table.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Counts open connections so shutdown can wait for them.
@@ -247,4 +354,26 @@ pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Resu
         .context("the TLS certificate and key do not form a usable pair")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_ip_cap_counts_and_gives_back() {
+        let table = Arc::new(PerIp::new(2));
+        let a: IpAddr = "198.18.0.1".parse().expect("ip");
+        let mapped: IpAddr = "::ffff:198.18.0.1".parse().expect("ip");
+        let b: IpAddr = "198.18.0.2".parse().expect("ip");
+        let first = table.enter(a).expect("first");
+        let _second = table.enter(mapped).expect("second (same address, IPv4-mapped)");
+        assert!(table.enter(a).is_none(), "third from one address is refused");
+        let _other = table.enter(b).expect("another address has its own count");
+        drop(first);
+        let _again = table.enter(a).expect("a closed connection frees its place");
+        let unlimited = Arc::new(PerIp::new(0));
+        let slots: Vec<_> = (0..100).filter_map(|_| unlimited.enter(a)).collect();
+        assert_eq!(slots.len(), 100, "0 means no limit");
+    }
 }

@@ -45,6 +45,16 @@ pub(super) async fn run(pool: &AnyPool, backend: Backend, url: &str) -> Result<(
 
 /// The lock file of a SQLite database URL; `None` for an in-memory database.
 fn lock_path(url: &str) -> Option<PathBuf> {
+    let mut name = sqlite_file(url)?.into_os_string();
+    name.push(LOCK_SUFFIX);
+    Some(PathBuf::from(name))
+}
+
+/// The database file of a SQLite URL; `None` for an in-memory database or another backend.
+pub(super) fn sqlite_file(url: &str) -> Option<PathBuf> {
+    if !url.starts_with("sqlite:") {
+        return None;
+    }
     let options = SqliteConnectOptions::from_str(url).ok()?;
     let file = options.get_filename();
     // sqlx names in-memory databases `file:sqlx-in-memory-N`; `mode=memory` also means no file.
@@ -52,9 +62,7 @@ fn lock_path(url: &str) -> Option<PathBuf> {
     if in_memory || file.as_os_str().is_empty() {
         return None;
     }
-    let mut name = file.as_os_str().to_owned();
-    name.push(LOCK_SUFFIX);
-    Some(PathBuf::from(name))
+    Some(file.to_path_buf())
 }
 
 /// Takes the exclusive lock on `path` (created 0600 if missing), waiting up to [`LOCK_WAIT`]. Released on drop.

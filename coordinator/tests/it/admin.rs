@@ -388,6 +388,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/nodes/{id}/wireguard-config"),
     ("get", "/api/v1/audit"),
     ("get", "/healthz"),
+    ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/api/v1/openapi.json"),
 ];
@@ -443,6 +444,15 @@ async fn audit_health_metrics_openapi(backend: Backend) {
             "postgres"
         }
     );
+    assert_eq!(health["writable"], true, "{health}");
+    assert!(
+        health.get("write_error").is_none(),
+        "absent while writes work: {health}"
+    );
+    let r = c.client.get(c.url("/readyz")).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    let ready: Value = r.json().await.expect("json");
+    assert_eq!(ready["status"], "ready");
 
     let b = c.join(&token, &key(2), "b").await;
     let mut s = c.stream(&b.credential, None, None).await;

@@ -191,3 +191,65 @@ async fn cli_changes_reach_open_streams() {
     eprintln!("CLI deletion reached the stream after {:?}", started.elapsed());
     c.stop().await;
 }
+
+/// Starts `serve` with stderr in a file (not a terminal), waits until it logs that it serves, stops it (by PID) and
+/// returns the log.
+fn serve_log(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("serve.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = Command::new(BIN)
+        .args([
+            "--data-dir",
+            dir.path().to_str().expect("utf8"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--no-tls", "--no-stun", "--public-url", "http://127.0.0.1:9"])
+        .args(extra)
+        .env_remove("MESHD_DATABASE_URL")
+        .env_remove("MESHD_DATA_DIR")
+        .env_remove("MESHD_LOG_FORMAT")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("coordinator serving") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("serve exited ({status}): {text}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // By PID: SIGKILL is enough, the log is written line by line.
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.contains("coordinator serving"), "serve started: {text}");
+    text
+}
+
+#[test]
+fn log_file_has_no_colour_codes_and_json_is_one_object_per_line() {
+    let text = serve_log(&[]);
+    assert!(
+        !text.contains('\u{1b}'),
+        "no ANSI escape codes when stderr is not a terminal: {text:?}"
+    );
+
+    let json = serve_log(&["--log-format", "json"]);
+    assert!(!json.contains('\u{1b}'), "{json:?}");
+    let mut lines = 0;
+    for line in json.lines().filter(|l| !l.trim().is_empty()) {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(value["level"].is_string() && value["fields"].is_object(), "{line}");
+        lines += 1;
+    }
+    assert!(lines > 0);
+}

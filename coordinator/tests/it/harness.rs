@@ -73,6 +73,8 @@ pub struct TestDb {
     pub url: String,
     pub dir: tempfile::TempDir,
     pg: Option<(String, String)>,
+    /// A data directory the test owns (a tmpfs it mounted), instead of `dir`.
+    data_dir_at: Option<PathBuf>,
 }
 
 impl TestDb {
@@ -83,6 +85,7 @@ impl TestDb {
                 url: meshd_coordinator::store::default_url(dir.path()),
                 dir,
                 pg: None,
+                data_dir_at: None,
             },
             Backend::Postgres(admin_url) => {
                 let name = format!(
@@ -107,13 +110,37 @@ impl TestDb {
                     url,
                     dir,
                     pg: Some((admin_url.clone(), name)),
+                    data_dir_at: None,
                 }
             }
         }
     }
 
+    /// SQLite in `data_dir`, a directory the test owns and cleans up itself (e.g. a tmpfs it mounted).
+    pub fn sqlite_at(data_dir: &std::path::Path) -> Self {
+        Self {
+            url: meshd_coordinator::store::default_url(data_dir),
+            dir: tempfile::tempdir().expect("tempdir"),
+            pg: None,
+            data_dir_at: Some(data_dir.to_path_buf()),
+        }
+    }
+
+    /// The database at `url` as it is (a server the test owns and removes itself): nothing is created or dropped.
+    pub fn existing(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            pg: None,
+            data_dir_at: None,
+        }
+    }
+
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
+        match &self.data_dir_at {
+            Some(dir) => dir.clone(),
+            None => self.dir.path().to_path_buf(),
+        }
     }
 }
 
@@ -234,6 +261,21 @@ impl Coord {
             cert_pem,
             shutdown: Some(tx),
             task: Some(task),
+        }
+    }
+
+    /// A client of a coordinator the test runs itself (a separate process), with an admin key it made.
+    pub fn external(base: &str, admin_key: &str) -> Self {
+        Self {
+            base: base.to_string(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            admin_key: admin_key.to_string(),
+            cert_pem: None,
+            shutdown: None,
+            task: None,
         }
     }
 

@@ -235,6 +235,7 @@ impl Inbound {
     }
 
     fn handle(&mut self, table: &PeerTable, datagram: &[u8], origin: Origin, now: Instant) {
+        bump(&self.shared.counters.received_datagrams);
         if self.to_tun.is_full() {
             self.flush_tun();
         }
@@ -266,6 +267,7 @@ impl Inbound {
                 return;
             }
             Err(TunnResult::Err(WireGuardError::InvalidPacket)) => return bump(&counters.malformed_datagrams),
+            Err(TunnResult::Err(WireGuardError::InvalidMac)) => return bump(&counters.bad_mac_datagrams),
             Err(_) => return bump(&counters.rejected_datagrams),
         };
         let Some(peer) = peer_for(table, &packet, &self.shared.private_key, &self.shared.public_key) else {
@@ -605,7 +607,7 @@ mod tests {
         // The remote claims another peer's address as inner source: dropped and counted, endpoint kept.
         let spoofed = encapsulate(&mut remote_tunn, &ipv4([10, 77, 0, 3], [10, 77, 0, 1]));
         sinks.decapsulate(&table, peer, &spoofed, roamed_origin, now);
-        assert_eq!(counters.snapshot().spoofed_source_packets, 1);
+        assert_eq!(counters.snapshot(0).spoofed_source_packets, 1);
         assert_eq!(sinks.to_tun.pending().len(), 2);
 
         // A tampered datagram is rejected and does not move the endpoint.
@@ -614,7 +616,7 @@ mod tests {
         tampered[last] ^= 1;
         let stranger = Origin::Udp("198.18.0.66:1".parse().expect("addr"));
         sinks.decapsulate(&table, peer, &tampered, stranger, now);
-        assert_eq!(counters.snapshot().rejected_datagrams, 1);
+        assert_eq!(counters.snapshot(0).rejected_datagrams, 1);
         assert_eq!(peer.lock().endpoint.current(), Some(roamed));
         assert_eq!(sinks.to_tun.pending().len(), 2);
         let state = peer.lock();
@@ -773,7 +775,7 @@ mod tests {
             let state = entry.lock();
             assert_eq!(state.agent.as_ref().expect("agent").path.latency(), Some(t1 - t0));
         }
-        assert_eq!(side_a.counters.snapshot().rejected_disco, 0);
+        assert_eq!(side_a.counters.snapshot(0).rejected_disco, 0);
 
         // The same pong replayed from another address does not confirm that address.
         let elsewhere: SocketAddr = "198.18.9.9:9".parse().expect("addr");
@@ -784,18 +786,18 @@ mod tests {
 
         // A's own ping reflected back to A: the sender is A itself, not a peer.
         side_a.sinks(a.key).disco(&a.table, &ping, Origin::Udp(b_addr), t1);
-        assert_eq!(side_a.counters.snapshot().rejected_disco, 1);
+        assert_eq!(side_a.counters.snapshot(0).rejected_disco, 1);
         // Tampered.
         let mut tampered = pongs[0].1.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 0x80;
         side_a.sinks(a.key).disco(&a.table, &tampered, Origin::Udp(b_addr), t1);
-        assert_eq!(side_a.counters.snapshot().rejected_disco, 2);
+        assert_eq!(side_a.counters.snapshot(0).rejected_disco, 2);
         // A relay datagram whose tag is not its sender.
         side_a
             .sinks(a.key)
             .disco(&a.table, &pongs[0].1, Origin::Relay(device_key), t1);
-        assert_eq!(side_a.counters.snapshot().rejected_disco, 3);
+        assert_eq!(side_a.counters.snapshot(0).rejected_disco, 3);
         // Disco claiming to come from a device peer (devices never speak disco).
         let forged = meshd_protocol::disco::DiscoKey::from_shared_secret([0; 32]).seal(
             &DiscoMessage::Ping { tx: TxId([1; 12]) },
@@ -804,7 +806,7 @@ mod tests {
             [0; 24],
         );
         side_a.sinks(a.key).disco(&a.table, &forged, Origin::Udp(elsewhere), t1);
-        assert_eq!(side_a.counters.snapshot().rejected_disco, 4);
+        assert_eq!(side_a.counters.snapshot(0).rejected_disco, 4);
         assert!(side_a.replies.is_empty(), "nothing rejected is answered");
     }
 
@@ -868,7 +870,7 @@ mod tests {
         let response = side.relay_rx.try_recv().expect("the response went to the relay");
         assert_eq!(response.peer, remote_key);
         assert_eq!(response.datagram.len(), 92);
-        assert_eq!(side.counters.snapshot().relay_tx_bytes, 92);
+        assert_eq!(side.counters.snapshot(0).relay_tx_bytes, 92);
 
         let mut buf = vec![0u8; 2048];
         let keepalive = match remote_tunn.decapsulate(None, &response.datagram, &mut buf) {

@@ -176,9 +176,19 @@ pub struct PeerStatus {
 /// Engine-wide counters of things dropped instead of crashing.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct EngineCounters {
-    /// Datagrams that are not WireGuard messages (wrong type or size).
+    /// Datagrams the engine read (UDP and relay). Each one that is dropped is also counted once under its reason
+    /// below, so `received_datagrams` = delivered + the drop counters.
+    pub received_datagrams: u64,
+    /// Datagrams the kernel dropped because the socket's receive buffer was full (a flood faster than the inbound
+    /// thread): never read by the engine, so not in `received_datagrams`.
+    pub socket_overflow_datagrams: u64,
+    /// Datagrams that are neither WireGuard, disco nor an awaited STUN answer (wrong type or size): garbage.
     pub malformed_datagrams: u64,
-    /// WireGuard messages that failed authentication (bad MAC, replay, unknown session, decryption).
+    /// Handshake messages whose MAC1 does not match our public key: garbage shaped like a handshake, or a sender
+    /// that has the wrong key for this node.
+    pub bad_mac_datagrams: u64,
+    /// WireGuard messages that failed inside the session (decryption, replay, unknown session, handshake
+    /// authentication).
     pub rejected_datagrams: u64,
     /// Messages for a receiver index or static key we have no peer for.
     pub unknown_peer_datagrams: u64,
@@ -599,7 +609,7 @@ impl Engine {
             direct_peers: peers.iter().filter(|p| p.path == "direct").count(),
             relayed_peers: peers.iter().filter(|p| p.path == "relay").count(),
             peers,
-            counters: self.shared.counters.snapshot(),
+            counters: self.shared.counters.snapshot(self.shared.udp.kernel_drops()),
             relay_connected,
         }
     }

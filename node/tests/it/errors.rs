@@ -49,6 +49,8 @@ async fn rejected_tokens_say_why() {
     forged.secret = [0x55; 32];
     let error = control_error(Node::enrol(&forged.encode(), "forged").await);
     assert!(matches!(&error, ControlError::TokenRejected { .. }), "{error}");
+    let text = error.to_string();
+    assert_eq!(text.matches("ask your admin").count(), 1, "the advice once: {text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
