@@ -153,6 +153,22 @@ fn names_resolve_follow_renames_and_deletions_and_leave_no_trace() {
             "a query from a non-overlay source was answered: {from_underlay}"
         );
 
+        // `meshd ping` and `meshd status` speak names too.
+        let ping = laptop.ctl(&["ping", "gpu-server.mesh.internal", "-c", "1"])?;
+        ensure!(ping.contains(&gpu_ip.to_string()), "meshd ping by FQDN: {ping}");
+        let status = laptop.status()?;
+        ensure!(status["self"]["fqdn"] == "laptop.mesh.internal", "status: {status}");
+        ensure!(
+            status["self"]["dns"]["mode"] == "hosts",
+            "names via the hosts file in a namespace: {status}"
+        );
+        ensure!(
+            status["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["fqdn"] == "gpu-server.mesh.internal")),
+            "peers' FQDNs in the status: {status}"
+        );
+
         // An admin rename: the new name works and the old one fails within 2 s on every other node.
         let gpu_id = coordinator.node_id_by_ip(gpu_ip)?;
         let renamed = coordinator.admin(
