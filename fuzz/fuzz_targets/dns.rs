@@ -3,12 +3,11 @@
 //! must parse.
 #![no_main]
 
-use std::net::Ipv4Addr;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use meshd_protocol::dns::{NameTable, answer};
-use meshd_protocol::{DnsConfig, MapNode, NetworkMap, NodeKind, PublicKey};
+use meshd_protocol::netmap::fixtures::{map, node};
 
 /// What an answer may add to a query: the question re-encoded (a compression pointer in the query may stand for
 /// a whole name, at most 255 bytes), one record (an A, or a PTR to a name of at most 255 bytes) and an OPT.
@@ -17,27 +16,8 @@ const MAX_GROWTH: usize = 600;
 fn table() -> &'static NameTable {
     static TABLE: OnceLock<NameTable> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let node = |id: u8, name: &str| MapNode {
-            id: i64::from(id),
-            name: name.into(),
-            ip: Ipv4Addr::new(10, 77, 0, id),
-            public_key: PublicKey::from_bytes([id; 32]),
-            endpoints: vec![],
-            online: true,
-            last_seen: None,
-            tags: vec![],
-            kind: NodeKind::Agent,
-        };
-        NameTable::from_map(&NetworkMap {
-            version: 1,
-            network: "10.77.0.0/16".parse().expect("cidr"),
-            self_node: node(1, "laptop"),
-            peers: vec![node(2, "gpu-server"), node(3, "a-very-long-name-of-sixty-three-characters-for-the-ptr-answers")],
-            dns: Some(DnsConfig {
-                domain: "mesh.internal".into(),
-            }),
-        })
-        .expect("dns on")
+        let long = "a-very-long-name-of-sixty-three-characters-for-the-ptr-answers";
+        NameTable::from_map(&map(vec![node(2, "gpu-server"), node(3, long)])).expect("dns on")
     })
 }
 

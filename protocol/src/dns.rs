@@ -235,34 +235,9 @@ fn parse_reverse(reversed: &str) -> Option<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DnsConfig, MapNode, NodeKind, PublicKey};
+    use crate::DnsConfig;
+    use crate::netmap::fixtures::{map, node};
     use hickory_proto::op::Query;
-
-    fn node(id: i64, name: &str) -> MapNode {
-        MapNode {
-            id,
-            name: name.into(),
-            ip: Ipv4Addr::new(10, 77, 0, id as u8),
-            public_key: PublicKey::from_bytes([id as u8; 32]),
-            endpoints: vec![],
-            online: true,
-            last_seen: None,
-            tags: vec![],
-            kind: NodeKind::Agent,
-        }
-    }
-
-    fn map(peers: Vec<MapNode>) -> NetworkMap {
-        NetworkMap {
-            version: 1,
-            network: "10.77.0.0/16".parse().expect("cidr"),
-            self_node: node(1, "laptop"),
-            peers,
-            dns: Some(DnsConfig {
-                domain: "mesh.internal".into(),
-            }),
-        }
-    }
 
     #[test]
     fn resolves_bare_and_qualified_names_in_any_case() {

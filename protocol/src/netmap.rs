@@ -165,11 +165,13 @@ impl NetworkMap {
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// Sample nodes and maps for the tests and fuzz targets of both sides (not for production code): node `id` is
+/// `10.77.0.<id>` with key `[id; 32]`, an online agent; maps are in `10.77.0.0/16` with domain `mesh.internal`.
+#[doc(hidden)]
+pub mod fixtures {
     use super::*;
 
-    fn node(id: NodeId, name: &str) -> MapNode {
+    pub fn node(id: NodeId, name: &str) -> MapNode {
         MapNode {
             id,
             name: name.into(),
@@ -182,6 +184,25 @@ mod tests {
             kind: NodeKind::Agent,
         }
     }
+
+    /// The map of node 1, `laptop`, with `peers`.
+    pub fn map(peers: Vec<MapNode>) -> NetworkMap {
+        NetworkMap {
+            version: 1,
+            network: "10.77.0.0/16".parse().expect("a valid literal network"),
+            self_node: node(1, "laptop"),
+            peers,
+            dns: Some(DnsConfig {
+                domain: "mesh.internal".into(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::node;
+    use super::*;
 
     #[test]
     fn applies_full_then_deltas_and_ignores_replays() {

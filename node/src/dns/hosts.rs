@@ -257,34 +257,7 @@ fn tempfile_in(dir: &Path) -> io::Result<TempFile> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshd_protocol::{DnsConfig, MapNode, NetworkMap, NodeKind, PublicKey};
-    use std::net::Ipv4Addr;
-
-    fn node(id: i64, name: &str) -> MapNode {
-        MapNode {
-            id,
-            name: name.into(),
-            ip: Ipv4Addr::new(10, 77, 0, id as u8),
-            public_key: PublicKey::from_bytes([id as u8; 32]),
-            endpoints: vec![],
-            online: true,
-            last_seen: None,
-            tags: vec![],
-            kind: NodeKind::Agent,
-        }
-    }
-
-    fn map(peers: Vec<MapNode>) -> NetworkMap {
-        NetworkMap {
-            version: 1,
-            network: "10.77.0.0/16".parse().expect("cidr"),
-            self_node: node(1, "laptop"),
-            peers,
-            dns: Some(DnsConfig {
-                domain: "mesh.internal".into(),
-            }),
-        }
-    }
+    use meshd_protocol::netmap::fixtures::{map, node};
 
     const ORIGINAL: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n\n# BEGIN other-tool\n10.0.0.9 x\n# END other-tool\n192.0.2.1 printer # keep me\n";
 

@@ -94,31 +94,10 @@ mod tests {
     use super::*;
     use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
     use hickory_proto::rr::{Name, RecordType};
-    use meshd_protocol::{DnsConfig, MapNode, NetworkMap, NodeKind, PublicKey};
-    use std::net::Ipv4Addr;
+    use meshd_protocol::netmap::fixtures::{map, node};
 
     fn table() -> NameTable {
-        let node = |id: u8, name: &str| MapNode {
-            id: i64::from(id),
-            name: name.into(),
-            ip: Ipv4Addr::new(10, 77, 0, id),
-            public_key: PublicKey::from_bytes([id; 32]),
-            endpoints: vec![],
-            online: true,
-            last_seen: None,
-            tags: vec![],
-            kind: NodeKind::Agent,
-        };
-        NameTable::from_map(&NetworkMap {
-            version: 1,
-            network: "10.77.0.0/16".parse().expect("cidr"),
-            self_node: node(1, "laptop"),
-            peers: vec![node(2, "gpu-server")],
-            dns: Some(DnsConfig {
-                domain: "mesh.internal".into(),
-            }),
-        })
-        .expect("dns on")
+        NameTable::from_map(&map(vec![node(2, "gpu-server")])).expect("dns on")
     }
 
     /// A burst of 10,000 queries over a real socket (dnsperf-style: a window of queries in flight): every one is
