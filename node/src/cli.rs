@@ -159,6 +159,9 @@ fn names_line(report: &StatusReport) -> String {
     if let Some(note) = &dns.note {
         line.push_str(&format!(" ({note})"));
     }
+    if let Some(error) = &dns.error {
+        line.push_str(&format!("; last update failed: {error}"));
+    }
     line.push('\n');
     line
 }

@@ -457,15 +457,7 @@ async fn audit_health_metrics_openapi(backend: Backend) {
     let b = c.join(&token, &key(2), "b").await;
     let mut s = c.stream(&b.credential, None, None).await;
     let _ = s.next(std::time::Duration::from_secs(5)).await;
-    let metrics = c
-        .client
-        .get(c.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = c.metrics_text().await;
     for needle in [
         "meshd_nodes 1\n",
         "meshd_nodes_online 1\n",

@@ -316,6 +316,18 @@ impl Coord {
     }
 
     /// `POST /api/v1/tokens` with `body`; returns the token string.
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn token(&self, body: Value) -> String {
         let r = self
             .admin(reqwest::Method::POST, "/api/v1/tokens")

@@ -124,15 +124,7 @@ async fn one_address_cannot_take_every_connection() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = c.client.get(c.url("/healthz")).send().await.expect("healthz");
     assert_eq!(r.status(), 200);
-    let metrics = c
-        .client
-        .get(c.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = c.metrics_text().await;
     assert!(
         metrics.contains("meshd_connections_refused_total{reason=\"per_ip_limit\"}"),
         "counted: {metrics}"

@@ -433,15 +433,7 @@ async fn relay_drops_a_flood_to_a_slow_receiver_without_stalling_others(backend:
         .await
         .expect("the flood is never blocked by the slow receiver")
         .expect("flood task");
-    let metrics = c
-        .client
-        .get(c.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = c.metrics_text().await;
     let dropped: f64 = metrics
         .lines()
         .find(|l| l.starts_with("meshd_relay_dropped_packets_total{reason=\"queue_full\"}"))

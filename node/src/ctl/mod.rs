@@ -232,6 +232,7 @@ pub(crate) fn sample_status() -> StatusReport {
                 answered: 5,
                 ignored: 1,
                 note: None,
+                error: None,
             }),
         },
         peers: vec![

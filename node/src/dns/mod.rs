@@ -80,8 +80,12 @@ pub struct DnsStatus {
     /// Queries answered, and datagrams ignored (not from the overlay or loopback, or not a query).
     pub answered: u64,
     pub ignored: u64,
-    /// Why something is not as asked (resolved unusable, port 53 taken, the hosts file not writable).
+    /// Why the set-up is not as asked (resolved unusable, port 53 taken).
     pub note: Option<String>,
+    /// Why the last name update could not be published (the hosts file not writable, resolvectl failing); null once
+    /// an update succeeds.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// The status the service writes and the control socket reads.
@@ -277,13 +281,11 @@ async fn follow(
         match outcome {
             Ok(applied) => {
                 resolved_for = applied;
-                set(&status, |s| {
-                    s.note = s.note.take().filter(|n| !n.starts_with("updating names"))
-                });
+                set(&status, |s| s.error = None);
             }
             Err(e) => {
                 tracing::warn!("updating names: {e}");
-                set(&status, |s| s.note = Some(format!("updating names: {e}")));
+                set(&status, |s| s.error = Some(e.clone()));
             }
         }
         if let Some(table) = &table {

@@ -25,16 +25,19 @@ const START: Duration = Duration::from_secs(30);
 const FOREIGN: &str = "# another tool's block\n# BEGIN other-tool\n198.18.250.1\tprinter\n# END other-tool\n\
                        198.18.250.2 nas   # with a comment and odd  spacing\n";
 
-/// Polls `probe` every 50 ms until it returns true; the time it took, or an error after `limit`.
-fn time_until(what: &str, limit: Duration, mut probe: impl FnMut() -> Result<bool>) -> Result<Duration> {
-    let start = Instant::now();
-    while start.elapsed() <= limit {
-        if probe()? {
-            return Ok(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    anyhow::bail!("{what}: not within {limit:?}")
+/// Polls `probe` every 50 ms (`wait::until`) until it holds; how long that took from `since`.
+fn time_until(
+    what: &str,
+    since: Instant,
+    limit: Duration,
+    mut probe: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    wait::until(
+        what,
+        limit.saturating_sub(since.elapsed()),
+        Duration::from_millis(50),
+        || Ok(probe()?.then(|| since.elapsed())),
+    )
 }
 
 fn dig(host: &Host, args: &[&str]) -> Result<String> {
@@ -182,14 +185,10 @@ fn names_resolve_follow_renames_and_deletions_and_leave_no_trace() {
         );
         let renamed_at = Instant::now();
         for node in [laptop, intern] {
-            time_until(
-                &format!("rename on {}", node.hostname),
-                BOUND.saturating_sub(renamed_at.elapsed()),
-                || {
-                    Ok(node.host.resolve("gpu-big.mesh.internal")? == Some(gpu_ip)
-                        && node.host.resolve("gpu-server")?.is_none())
-                },
-            )?;
+            time_until(&format!("rename on {}", node.hostname), renamed_at, BOUND, || {
+                Ok(node.host.resolve("gpu-big.mesh.internal")? == Some(gpu_ip)
+                    && node.host.resolve("gpu-server")?.is_none())
+            })?;
         }
         eprintln!(
             "rename resolved on every node {:.0} ms after the PATCH returned",
@@ -211,11 +210,9 @@ fn names_resolve_follow_renames_and_deletions_and_leave_no_trace() {
         coordinator.admin("DELETE", &format!("/api/v1/nodes/{intern_id}"), None)?;
         let deleted_at = Instant::now();
         for node in [gpu, laptop] {
-            time_until(
-                &format!("deletion on {}", node.hostname),
-                BOUND.saturating_sub(deleted_at.elapsed()),
-                || Ok(node.host.resolve("intern")?.is_none()),
-            )?;
+            time_until(&format!("deletion on {}", node.hostname), deleted_at, BOUND, || {
+                Ok(node.host.resolve("intern")?.is_none())
+            })?;
         }
         eprintln!(
             "deletion resolved on every node {:.0} ms after the DELETE returned",
