@@ -29,6 +29,7 @@ pub fn map_node(node: &Node) -> MapNode {
             NodeKind::Meshd => meshd_protocol::NodeKind::Agent,
             NodeKind::Wireguard => meshd_protocol::NodeKind::Device,
         },
+        preshared_key: false,
     }
 }
 

@@ -97,6 +97,7 @@ mod tests {
             last_seen: None,
             tags: vec![],
             kind: meshd_protocol::NodeKind::Agent,
+            preshared_key: false,
         };
         NetworkMap {
             version: 4,

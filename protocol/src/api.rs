@@ -29,6 +29,25 @@ pub struct CoordinatorInfo {
     /// True when the coordinator serves the relay ([`crate::paths::RELAY`]). Absent: false.
     #[serde(default)]
     pub relay: bool,
+    /// UDP port of the WireGuard gateway for stock devices on the coordinator's host; absent when it is off. The
+    /// gateway forwards a device's WireGuard datagrams to agents over their relay connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_port: Option<u16>,
+}
+
+/// `GET /api/v1/node/preshared-keys`: the preshared key of every pair the calling node is part of.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PresharedKeys {
+    pub keys: Vec<PeerPresharedKey>,
+}
+
+/// The preshared key the caller shares with `peer`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PeerPresharedKey {
+    pub peer: PublicKey,
+    pub preshared_key: crate::PresharedKey,
 }
 
 /// `POST /api/v1/join`.

@@ -77,6 +77,58 @@ impl<'de> Deserialize<'de> for PublicKey {
     }
 }
 
+/// A WireGuard preshared key: 32 secret bytes mixed into the handshake of one pair of peers (base64 like `wg(8)`).
+///
+/// It adds a symmetric secret on top of the Diffie-Hellman (hardening against a future quantum computer that
+/// breaks X25519); it does not replace it, so whoever knows a preshared key still cannot decrypt the pair's traffic.
+/// `Debug` never prints it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(value_type = String))]
+pub struct PresharedKey([u8; 32]);
+
+impl PresharedKey {
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0)
+    }
+}
+
+impl FromStr for PresharedKey {
+    type Err = KeyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = STANDARD.decode(s.trim()).map_err(|e| KeyError::Base64(e.to_string()))?;
+        let bytes: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::Length(bytes.len()))?;
+        Ok(Self(bytes))
+    }
+}
+
+impl fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("psk:<redacted>")
+    }
+}
+
+impl Serialize for PresharedKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_base64())
+    }
+}
+
+impl<'de> Deserialize<'de> for PresharedKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +145,14 @@ mod tests {
         assert_eq!(STANDARD.encode([0u8; 32]).parse::<PublicKey>(), Err(KeyError::Zero));
         let json = serde_json::to_string(&key).expect("serializes");
         assert_eq!(serde_json::from_str::<PublicKey>(&json).expect("parses"), key);
+    }
+
+    #[test]
+    fn preshared_keys_round_trip_and_never_print() {
+        let psk = PresharedKey::from_bytes([9u8; 32]);
+        assert_eq!(format!("{psk:?}"), "psk:<redacted>");
+        let json = serde_json::to_string(&psk).expect("serializes");
+        assert_eq!(serde_json::from_str::<PresharedKey>(&json).expect("parses"), psk);
+        assert!(matches!("AAAA".parse::<PresharedKey>(), Err(KeyError::Length(3))));
     }
 }

@@ -27,7 +27,7 @@ pub mod relay;
 pub mod stun;
 pub mod token;
 
-pub use key::{KeyError, PublicKey};
+pub use key::{KeyError, PresharedKey, PublicKey};
 pub use netmap::{DnsConfig, MapMessage, MapNode, NetworkMap, NodeId, NodeKind};
 pub use token::{CertFingerprint, JoinToken, TokenError};
 
@@ -52,6 +52,9 @@ pub mod paths {
     /// `GET` with `Upgrade: meshd-relay` (HTTP/1.1, node credential): the relay connection, frames per
     /// [`crate::relay`]. `101` on success, `401` bad credential, `403` a device.
     pub const RELAY: &str = "/api/v1/relay";
+    /// `GET` (node credential): the preshared keys of the pairs this node is part of
+    /// ([`crate::api::PresharedKeys`]); a peer whose map entry has `preshared_key` needs one.
+    pub const PRESHARED_KEYS: &str = "/api/v1/node/preshared-keys";
     /// Name of the SSE event that carries a [`crate::MapMessage`].
     pub const MAP_EVENT: &str = "map";
 }

@@ -41,6 +41,11 @@ pub struct MapNode {
     /// [`NodeKind::Device`], so traffic for a node of unknown kind never goes into the relay.
     #[serde(default)]
     pub kind: NodeKind,
+    /// True when every pair with this node uses a preshared key (stock devices registered with one); each peer
+    /// fetches its own from [`crate::paths::PRESHARED_KEYS`] (keys never travel in the map, which all nodes share).
+    /// Absent: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preshared_key: bool,
 }
 
 /// What a node runs, as far as reaching it is concerned.
@@ -182,6 +187,7 @@ pub mod fixtures {
             last_seen: None,
             tags: vec![],
             kind: NodeKind::Agent,
+            preshared_key: false,
         }
     }
 

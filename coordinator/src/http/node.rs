@@ -32,6 +32,7 @@ pub async fn info(State(state): State<AppState>) -> Json<CoordinatorInfo> {
         join_key: state.join_key.public_key(),
         stun_ports: state.stun_ports.clone(),
         relay: state.relay.is_some(),
+        gateway_port: None,
     })
 }
 
