@@ -46,7 +46,8 @@ mod settings;
 /// Names of the settings rows.
 pub mod settings_keys {
     pub use super::settings::{
-        CERT_FINGERPRINT, FULL_MAP_BEFORE, JOIN_KEY, MAP_SETTINGS, NETWORK, PRUNED_THROUGH, PUBLIC_URL,
+        CERT_FINGERPRINT, FULL_MAP_BEFORE, GATEWAY_ENDPOINT, JOIN_KEY, MAP_SETTINGS, NETWORK, PRUNED_THROUGH,
+        PSK_SECRET, PUBLIC_URL,
     };
 }
 mod tokens;

@@ -17,6 +17,11 @@ pub const PRUNED_THROUGH: &str = "pruned_through";
 pub const MAP_SETTINGS: &str = "map_settings";
 /// A node whose map is older than this version needs a full map: [`MAP_SETTINGS`] changed then.
 pub const FULL_MAP_BEFORE: &str = "full_map_before";
+/// Where stock WireGuard devices send their datagrams (`host:port` of the coordinator's gateway, as `serve` last
+/// published it; empty when the gateway is off): the `Endpoint` of every peer in an exported device config.
+pub const GATEWAY_ENDPOINT: &str = "gateway_endpoint";
+/// The secret every pair's preshared key is derived from (base64, 32 random bytes); see [`crate::psk`]. Never printed.
+pub const PSK_SECRET: &str = "psk_secret";
 
 impl Store {
     pub async fn setting(&self, key: &str) -> Result<Option<String>> {
