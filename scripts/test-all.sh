@@ -162,7 +162,7 @@ if ((fuzz_seconds > 0)); then
         cargo install cargo-fuzz --locked >/dev/null 2>&1 || fuzz_ready=0
     fi
     if ((fuzz_ready)); then
-        for target in stun disco relay_frames dns; do
+        for target in stun disco relay_frames dns wireguard; do
             (cd fuzz && cargo "+$fuzz_toolchain" fuzz run "$target" -- -max_total_time="$fuzz_seconds" -max_len=2048 \
                 > "/tmp/meshd-fuzz-$target.$$.log" 2>&1) \
                 || { tail -40 "/tmp/meshd-fuzz-$target.$$.log"; die "fuzz target $target failed (input in fuzz/artifacts/$target/)"; }

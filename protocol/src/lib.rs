@@ -11,6 +11,7 @@
 //! - [`dns`]: the name table built from a map and the answer to a DNS query about it (the agent's responder).
 //! - [`stun`]: STUN binding requests and responses (RFC 8489), how a node learns its NAT-mapped address.
 //! - [`relay`]: the frames of the relay connection (`GET /api/v1/relay` upgraded to `meshd-relay`).
+//! - [`wireguard`]: WireGuard message types and session indexes as a forwarder sees them (the device gateway).
 //!
 //! Invariants: this crate does no IO and pulls in no runtime, database or web framework (the optional
 //! `openapi` feature only adds schema derives). Fields document what *absent* means. A change that
@@ -26,6 +27,7 @@ pub mod proof;
 pub mod relay;
 pub mod stun;
 pub mod token;
+pub mod wireguard;
 
 pub use key::{KeyError, PresharedKey, PublicKey};
 pub use netmap::{DnsConfig, MapMessage, MapNode, NetworkMap, NodeId, NodeKind};
