@@ -126,6 +126,20 @@ pub struct ServeArgs {
         action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub no_relay: bool,
+    /// UDP port of the WireGuard gateway that stock WireGuard apps use as the `Endpoint` of every meshd node, on
+    /// the listen address's IP (0: any free port) [default: 51820]. Needs the relay.
+    #[arg(long, env = "MESHD_GATEWAY_PORT", value_name = "PORT")]
+    pub gateway_port: Option<u16>,
+    /// What exported device configs put as `Endpoint` (`host:port`, e.g. when a router forwards another public
+    /// port to the gateway) [default: the public URL's host and the gateway port].
+    #[arg(long, env = "MESHD_GATEWAY_ENDPOINT", value_name = "HOST:PORT")]
+    pub gateway_endpoint: Option<String>,
+    /// Serve no gateway for stock WireGuard devices (they then reach only meshd nodes with a public address).
+    #[arg(
+        long, env = "MESHD_NO_GATEWAY", conflicts_with_all = ["gateway_port", "gateway_endpoint"],
+        action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub no_gateway: bool,
     /// Domain of the nodes' names: `gpu-server` is also `gpu-server.<domain>` on every node [default:
     /// mesh.internal]. Changing it sends every node a new map at its next connection.
     #[arg(long, env = "MESHD_DNS_DOMAIN", value_name = "DOMAIN")]
@@ -251,6 +265,9 @@ pub struct FileConfig {
     pub stun_alt_port: Option<u16>,
     pub no_stun: Option<bool>,
     pub no_relay: Option<bool>,
+    pub gateway_port: Option<u16>,
+    pub gateway_endpoint: Option<String>,
+    pub no_gateway: Option<bool>,
     pub dns_domain: Option<String>,
     #[serde(default, with = "humantime_serde_opt")]
     pub header_timeout: Option<Duration>,
@@ -312,6 +329,8 @@ pub struct ServeConfig {
     pub stun_ports: Vec<u16>,
     /// Serve the relay route.
     pub relay: bool,
+    /// The WireGuard gateway for stock devices; `None`: off.
+    pub gateway: Option<GatewayConfig>,
     /// How long a node stays online after its last map stream closed (and after a restart, for the nodes that were
     /// online): one that reconnects within it never goes offline (see `presence`).
     pub presence_grace: Duration,
@@ -341,6 +360,10 @@ impl ServeConfig {
             keep_changes: DEFAULT_KEEP_CHANGES,
             stun_ports: vec![0, 0],
             relay: true,
+            gateway: Some(GatewayConfig {
+                port: 0,
+                endpoint: None,
+            }),
             presence_grace: crate::presence::DEFAULT_GRACE,
             relay_timers: crate::relay::RelayTimers::default(),
             request_timeout: crate::http::REQUEST_TIMEOUT,
@@ -348,6 +371,26 @@ impl ServeConfig {
             limits: ConnectionLimits::default(),
         }
     }
+}
+
+/// Where stock devices send their WireGuard datagrams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// UDP port on the listen address's IP (0: any free port).
+    pub port: u16,
+    /// `host:port` written into device configs; `None`: the public URL's host and the bound port.
+    pub endpoint: Option<String>,
+}
+
+/// A `host:port` a WireGuard app can resolve: a name or address, and a port.
+fn validate_gateway_endpoint(endpoint: &str) -> anyhow::Result<()> {
+    let valid = endpoint.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p != 0)
+    });
+    if !valid {
+        bail!("--gateway-endpoint `{endpoint}` is not HOST:PORT (e.g. vpn.example.com:51820 or [2001:db8::1]:51820)");
+    }
+    Ok(())
 }
 
 /// Loads the config file named by `common`, if any.
@@ -451,6 +494,28 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
         vec![port, alt]
     };
     let relay = !(args.no_relay || file.no_relay.unwrap_or(false));
+    let no_gateway = args.no_gateway || file.no_gateway.unwrap_or(false);
+    let gateway = if no_gateway {
+        None
+    } else {
+        let endpoint = args.gateway_endpoint.clone().or(file.gateway_endpoint.clone());
+        if let Some(endpoint) = &endpoint {
+            validate_gateway_endpoint(endpoint)?;
+        }
+        Some(GatewayConfig {
+            port: args
+                .gateway_port
+                .or(file.gateway_port)
+                .unwrap_or(crate::gateway::DEFAULT_PORT),
+            endpoint,
+        })
+    };
+    if gateway.is_some() && !relay {
+        bail!(
+            "the WireGuard gateway forwards to nodes over the relay: with --no-relay also pass --no-gateway \
+             (or serve the relay)"
+        );
+    }
     let dns_domain = meshd_protocol::names::normalize_domain(
         args.dns_domain
             .as_deref()
@@ -481,6 +546,7 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
         keep_changes,
         stun_ports,
         relay,
+        gateway,
         presence_grace: crate::presence::DEFAULT_GRACE,
         relay_timers: crate::relay::RelayTimers::default(),
         request_timeout: crate::http::REQUEST_TIMEOUT,

@@ -21,6 +21,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod http;
 pub mod ipam;
 pub mod joinkey;
@@ -79,7 +80,7 @@ pub async fn run(
         None => (guess_public_url(local, tls_on), true),
     };
     let host = public_host(&public_url);
-    let tls_files = tls::prepare(&config.tls, &config.storage.data_dir, &[host])?;
+    let tls_files = tls::prepare(&config.tls, &config.storage.data_dir, &[host.clone()])?;
     let fingerprint = tls_files.as_ref().map(|t| t.fingerprint);
     store.set_setting(settings_keys::PUBLIC_URL, &public_url).await?;
     store
@@ -114,6 +115,19 @@ pub async fn run(
     let relay = config
         .relay
         .then(|| relay::Relay::start(store.clone(), &broker, config.relay_timers, cancel.clone()));
+    let gateway = match (&config.gateway, &relay) {
+        (Some(gateway_config), Some(relay)) => {
+            let addr = std::net::SocketAddr::new(local.ip(), gateway_config.port);
+            let gateway =
+                gateway::Gateway::start(addr, store.clone(), broker.subscribe(), relay.clone(), cancel.clone())
+                    .await
+                    .inspect_err(|_| cancel.cancel())?;
+            relay.attach_gateway(&gateway);
+            Some(gateway)
+        }
+        _ => None,
+    };
+    publish_gateway_endpoint(&store, config.gateway.as_ref(), gateway.as_deref(), &host).await?;
     let state = http::AppState::new(http::StateInner {
         store: store.clone(),
         broker,
@@ -131,6 +145,7 @@ pub async fn run(
         request_timeout: config.request_timeout,
         stun_ports,
         relay,
+        gateway,
         openapi_json: OnceLock::new(),
     });
     let app = http::router(state.clone());
@@ -151,6 +166,34 @@ pub async fn run(
     cancel.cancel();
     store.close().await;
     served
+}
+
+/// Writes where devices must send (the `Endpoint` of exported configs; empty: no gateway) for the API and the CLI.
+async fn publish_gateway_endpoint(
+    store: &Store,
+    config: Option<&config::GatewayConfig>,
+    gateway: Option<&gateway::Gateway>,
+    public_host: &str,
+) -> anyhow::Result<()> {
+    let endpoint = match (config, gateway) {
+        (Some(config), Some(gateway)) => match &config.endpoint {
+            Some(endpoint) => endpoint.clone(),
+            None => {
+                let port = gateway.local_addr()?.port();
+                if public_host.contains(':') {
+                    format!("[{public_host}]:{port}")
+                } else {
+                    format!("{public_host}:{port}")
+                }
+            }
+        },
+        _ => String::new(),
+    };
+    store
+        .set_setting(settings_keys::GATEWAY_ENDPOINT, &endpoint)
+        .await
+        .context("publishing the gateway endpoint")?;
+    Ok(())
 }
 
 /// SQLite writes its WAL and lock files next to the database: a read-only directory (a volume mounted `ro`, a file

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -100,6 +100,8 @@ pub struct RelayStats {
 /// The registry of relay connections of this process.
 pub struct Relay {
     conns: RwLock<HashMap<PublicKey, Registration>>,
+    /// The device gateway: an agent's `Send` to a device's key goes there (devices have no relay connection).
+    gateway: OnceLock<Weak<crate::gateway::Gateway>>,
     next_conn: AtomicU64,
     store: Store,
     timers: RelayTimers,
@@ -131,6 +133,7 @@ impl Relay {
     pub fn start(store: Store, broker: &Broker, timers: RelayTimers, shutdown: CancellationToken) -> Arc<Self> {
         let relay = Arc::new(Self {
             conns: RwLock::new(HashMap::new()),
+            gateway: OnceLock::new(),
             next_conn: AtomicU64::new(1),
             store,
             timers,
@@ -142,6 +145,22 @@ impl Relay {
         });
         tokio::spawn(watch_changes(relay.clone(), broker.subscribe()));
         relay
+    }
+
+    /// Hands agents' datagrams for devices to `gateway` from now on.
+    pub fn attach_gateway(&self, gateway: &Arc<crate::gateway::Gateway>) {
+        let _ = self.gateway.set(Arc::downgrade(gateway));
+    }
+
+    /// Queues `datagram` from the gateway (tagged `src`) for the connection of agent `dst`; false when it has none
+    /// or its queue is full.
+    pub fn deliver(&self, src: PublicKey, dst: &PublicKey, datagram: &[u8]) -> bool {
+        self.forward(src, dst, datagram).is_ok()
+    }
+
+    fn gateway_for(&self, dst: &PublicKey) -> Option<Arc<crate::gateway::Gateway>> {
+        let gateway = self.gateway.get()?.upgrade()?;
+        gateway.serves_device(dst).then_some(gateway)
     }
 
     /// Connections open now.
@@ -283,6 +302,9 @@ impl Relay {
                 };
                 start += frame.consumed;
                 match frame.decode() {
+                    Ok(RelayFrame::Send { dst, datagram }) if let Some(gateway) = self.gateway_for(&dst) => {
+                        gateway.from_agent(identity.key, dst, datagram);
+                    }
                     Ok(RelayFrame::Send { dst, datagram }) => match self.forward(identity.key, &dst, datagram) {
                         Ok(()) => {
                             packets.increment(1);

@@ -29,6 +29,17 @@ pub const RELAY_BYTES: &str = "meshd_relay_bytes_total";
 /// Counter: datagrams the relay dropped, by `reason` (`no_peer`: the destination has no connection here;
 /// `queue_full`: the receiver reads too slowly).
 pub const RELAY_DROPPED: &str = "meshd_relay_dropped_packets_total";
+/// Counter: datagrams the device gateway forwarded, by `direction` (`to_agent`, `to_device`).
+pub const GATEWAY_PACKETS: &str = "meshd_gateway_packets_total";
+/// Counter: bytes of those datagrams, by `direction`.
+pub const GATEWAY_BYTES: &str = "meshd_gateway_bytes_total";
+/// Counter: datagrams the gateway dropped, by `reason` (`malformed`, `unknown_index`, `no_agent_matches_mac1`,
+/// `cookie_required`, `agent_not_connected`, ...).
+pub const GATEWAY_DROPPED: &str = "meshd_gateway_dropped_packets_total";
+/// Counter: cookie replies the gateway sent for agents under handshake load.
+pub const GATEWAY_COOKIE_REPLIES: &str = "meshd_gateway_cookie_replies_total";
+/// Gauge: sessions (and handshakes in progress) between devices and agents the gateway knows.
+pub const GATEWAY_SESSIONS: &str = "meshd_gateway_sessions";
 /// Counter: connections closed at accept, by `reason` (`per_ip_limit`: the source address has too many open).
 pub const CONNECTIONS_REFUSED: &str = "meshd_connections_refused_total";
 /// Counter: connections closed because their TLS handshake or first request head did not complete in time, by
@@ -81,6 +92,14 @@ pub fn describe() {
     metrics::describe_counter!(MAP_UPDATES, "Map messages (full maps and deltas) sent to nodes.");
     metrics::describe_gauge!(MAP_STREAMS, "Map streams open in this process.");
     metrics::describe_counter!(STUN_REQUESTS, "STUN binding requests answered.");
+    metrics::describe_counter!(GATEWAY_PACKETS, "Datagrams the device gateway forwarded, by direction.");
+    metrics::describe_counter!(GATEWAY_BYTES, "Bytes the device gateway forwarded, by direction.");
+    metrics::describe_counter!(GATEWAY_DROPPED, "Datagrams the device gateway dropped, by reason.");
+    metrics::describe_counter!(
+        GATEWAY_COOKIE_REPLIES,
+        "Cookie replies the gateway sent for agents under handshake load."
+    );
+    metrics::describe_gauge!(GATEWAY_SESSIONS, "Device sessions the gateway knows.");
     metrics::describe_gauge!(RELAY_CONNECTIONS, "Relay connections open in this process.");
     metrics::describe_counter!(RELAY_PACKETS, "Datagrams forwarded by the relay.");
     metrics::describe_counter!(

@@ -109,6 +109,7 @@ fn parse_peer(spec: &str, keepalive: Option<u16>, kind: NodeKind) -> Result<Peer
         endpoints,
         persistent_keepalive: keepalive,
         kind,
+        preshared_key: None,
     })
 }
 

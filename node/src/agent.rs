@@ -6,14 +6,14 @@
 //! plane. The control loop ([`crate::follow`]) writes through it; the control socket ([`crate::ctl`]) only reads.
 //! Does no IO of its own, so unit tests drive it with a recording fake.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use meshd_protocol::{MapMessage, NetworkMap, NodeId};
+use meshd_protocol::{MapMessage, NetworkMap, NodeId, PresharedKey, PublicKey};
 use tokio::sync::mpsc;
 
 use crate::engine::{Engine, EngineStatus, PeerConfig, RelayDatagram};
@@ -99,6 +99,8 @@ pub struct AgentState {
     /// How mesh names resolve on this host ([`crate::dns`] writes it).
     pub dns: crate::dns::StatusCell,
     map: RwLock<Option<NetworkMap>>,
+    /// Preshared keys of the pairs that use one, by peer key (fetched from the coordinator, cached on disk).
+    preshared_keys: RwLock<HashMap<PublicKey, PresharedKey>>,
     /// Every applied map (or `None` once removed), for those who follow it (the name service).
     maps: tokio::sync::watch::Sender<Option<NetworkMap>>,
     phase: Mutex<Phase>,
@@ -114,6 +116,7 @@ impl AgentState {
             discovery: Arc::default(),
             dns: Arc::default(),
             map: RwLock::new(None),
+            preshared_keys: RwLock::new(HashMap::new()),
             maps: tokio::sync::watch::Sender::new(None),
             phase: Mutex::new(Phase::Joining),
         }
@@ -171,12 +174,42 @@ impl AgentState {
             );
         }
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = Some(next.clone());
-        self.dataplane.reconfigure(reconcile::desired_peers(&next));
+        self.dataplane
+            .reconfigure(reconcile::desired_peers(&next, &self.preshared_keys()));
         self.maps.send_replace(Some(next.clone()));
         Ok(Some(next))
     }
 
     /// The node was deleted: no peer may stay configured.
+    /// The preshared keys known now.
+    pub fn preshared_keys(&self) -> HashMap<PublicKey, PresharedKey> {
+        self.preshared_keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// True when the current map has a pair whose preshared key is not known yet.
+    pub fn needs_preshared_keys(&self) -> bool {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|map| reconcile::missing_preshared_keys(map, &self.preshared_keys()))
+    }
+
+    /// Replaces the preshared keys and, when they changed, reconfigures the data plane with them.
+    pub fn set_preshared_keys(&self, keys: HashMap<PublicKey, PresharedKey>) {
+        {
+            let mut current = self.preshared_keys.write().unwrap_or_else(|p| p.into_inner());
+            if *current == keys {
+                return;
+            }
+            *current = keys;
+        }
+        if let Some(map) = self.map() {
+            self.dataplane
+                .reconfigure(reconcile::desired_peers(&map, &self.preshared_keys()));
+        }
+    }
+
     pub(crate) fn clear(&self) {
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = None;
         self.dataplane.reconfigure(Vec::new());

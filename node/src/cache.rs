@@ -2,11 +2,16 @@
 //!
 //! Owns reading and writing `<state-dir>/map.json` (temporary file + rename: a crash leaves the old map or the new
 //! one, never half of one). A damaged cache is not fatal: the agent logs it and waits for a full map instead.
+//! Beside it, `preshared-keys.json` (0600): the preshared keys of the pairs that use one, so that a device pair keeps
+//! working from the cache too.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
-use meshd_protocol::NetworkMap;
+use std::collections::HashMap;
+
+use meshd_protocol::api::{PeerPresharedKey, PresharedKeys};
+use meshd_protocol::{NetworkMap, PresharedKey, PublicKey};
 
 use crate::state::write_file_atomic;
 
@@ -63,16 +68,58 @@ impl MapCache {
         })
     }
 
-    /// Deletes the cache (the node was removed, or leaves). A missing file is fine.
+    /// Deletes the cache and the preshared keys (the node was removed, or leaves). Missing files are fine.
     pub fn remove(&self) -> Result<(), CacheError> {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(CacheError::Write {
-                path: self.display(),
-                source,
-            }),
+        for path in [self.path.clone(), self.preshared_keys_path()] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(CacheError::Write {
+                        path: path.display().to_string(),
+                        source,
+                    });
+                }
+            }
         }
+        Ok(())
+    }
+
+    fn preshared_keys_path(&self) -> PathBuf {
+        self.path.with_file_name("preshared-keys.json")
+    }
+
+    /// The cached preshared keys (empty when there are none or the file is damaged: they are fetched again).
+    pub fn load_preshared_keys(&self) -> HashMap<PublicKey, PresharedKey> {
+        let path = self.preshared_keys_path();
+        let Ok(bytes) = std::fs::read(&path) else {
+            return HashMap::new();
+        };
+        match serde_json::from_slice::<PresharedKeys>(&bytes) {
+            Ok(keys) => keys.keys.into_iter().map(|k| (k.peer, k.preshared_key)).collect(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "ignoring damaged cached preshared keys: {e}");
+                HashMap::new()
+            }
+        }
+    }
+
+    pub fn store_preshared_keys(&self, keys: &HashMap<PublicKey, PresharedKey>) -> Result<(), CacheError> {
+        let body = PresharedKeys {
+            keys: keys
+                .iter()
+                .map(|(peer, preshared_key)| PeerPresharedKey {
+                    peer: *peer,
+                    preshared_key: *preshared_key,
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec(&body).expect("preshared keys always serialize");
+        let path = self.preshared_keys_path();
+        write_file_atomic(&path, &json, 0o600).map_err(|source| CacheError::Write {
+            path: path.display().to_string(),
+            source,
+        })
     }
 
     fn display(&self) -> String {

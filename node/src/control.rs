@@ -15,7 +15,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
-use meshd_protocol::api::{CoordinatorInfo, EndpointReport, ErrorBody, JoinRequest, JoinResponse, error_codes};
+use meshd_protocol::api::{
+    CoordinatorInfo, EndpointReport, ErrorBody, JoinRequest, JoinResponse, PresharedKeys, error_codes,
+};
 use meshd_protocol::{CertFingerprint, JoinToken, MapMessage, paths};
 use rand::Rng;
 use reqwest::{RequestBuilder, Response, StatusCode};
@@ -228,6 +230,23 @@ impl ControlClient {
             .bearer_auth(credential)
             .json(report);
         self.expect_success(call).await
+    }
+
+    /// `GET /api/v1/node/preshared-keys`: the preshared keys of the pairs this node is part of.
+    pub async fn preshared_keys(&self, credential: &str) -> Result<PresharedKeys, ControlError> {
+        let call = self
+            .http
+            .get(self.url(paths::PRESHARED_KEYS))
+            .timeout(CALL_TIMEOUT)
+            .bearer_auth(credential);
+        let response = self.send(call).await?;
+        if !response.status().is_success() {
+            return Err(error_from(response).await);
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| ControlError::Protocol(format!("preshared keys response: {e}")))
     }
 
     /// `DELETE /api/v1/node`: this node leaves; its credential stops working.

@@ -235,6 +235,9 @@ async fn run(state: StateDir, args: RunArgs, lock: ctl::StateLock) -> Result<(),
         "data plane up"
     );
     let agent = Arc::new(AgentState::new(identity, args.interface.clone(), engine.clone()));
+    if cached.is_some() {
+        agent.set_preshared_keys(cache.load_preshared_keys());
+    }
     if let Some(map) = cached {
         tracing::info!(
             version = map.version,

@@ -60,14 +60,23 @@ impl ControlLoop {
             shutdown.child_token(),
             removed.clone(),
         ));
+        let keys = tokio::spawn(sync_preshared_keys(
+            self.agent.clone(),
+            self.client.clone(),
+            self.credential.clone(),
+            self.cache.clone(),
+            shutdown.child_token(),
+        ));
         let reason = tokio::select! {
             reason = self.follow_map(&removed) => reason,
             () = shutdown.cancelled() => StopReason::Shutdown,
             () = removed.cancelled() => StopReason::Removed,
         };
         reporter.abort();
-        // Wait for the abort to land: the reporter holds the agent (and so the data plane) until it is dropped.
+        keys.abort();
+        // Wait for the aborts to land: the tasks hold the agent (and so the data plane) until they are dropped.
         let _ = reporter.await;
+        let _ = keys.await;
         if reason == StopReason::Removed {
             tracing::error!("the coordinator no longer accepts this node's credential: it was removed by an admin");
             self.agent.clear();
@@ -146,6 +155,47 @@ impl ControlLoop {
             let delay = backoff.next_delay();
             tracing::debug!(?delay, "reconnecting to the coordinator");
             tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// Fetches the preshared keys whenever the map has a pair (a stock device registered with one) whose key is not
+/// known yet, retrying with backoff while the coordinator cannot be reached; each fetch is cached on disk. Between
+/// changes it costs nothing (it waits on the map watch).
+async fn sync_preshared_keys(
+    agent: Arc<AgentState>,
+    client: ControlClient,
+    credential: String,
+    cache: MapCache,
+    shutdown: CancellationToken,
+) {
+    let mut maps = agent.subscribe_map();
+    let mut backoff = Backoff::new();
+    loop {
+        if agent.needs_preshared_keys() {
+            match client.preshared_keys(&credential).await {
+                Ok(body) => {
+                    backoff.reset();
+                    let keys: std::collections::HashMap<_, _> =
+                        body.keys.into_iter().map(|k| (k.peer, k.preshared_key)).collect();
+                    tracing::info!(pairs = keys.len(), "preshared keys fetched");
+                    if let Err(e) = cache.store_preshared_keys(&keys) {
+                        tracing::warn!("{e}");
+                    }
+                    agent.set_preshared_keys(keys);
+                }
+                Err(e) => {
+                    tracing::warn!("could not fetch preshared keys: {e}; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff.next_delay()) => continue,
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = maps.changed() => if changed.is_err() { return },
         }
     }
 }

@@ -29,6 +29,11 @@ pub const KEY_LEN: usize = 32;
 /// Longest datagram a Send or Recv frame can carry.
 pub const MAX_DATAGRAM_LEN: usize = MAX_FRAME_PAYLOAD - KEY_LEN;
 /// Length of the opaque Ping/Pong payload.
+/// The source key of a `Recv` that the coordinator's device gateway forwards from a stock device it cannot name yet
+/// (a handshake initiation hides the initiator's key; the agent finds the peer by decrypting). Not a real key: 32
+/// ASCII bytes, so it can never be a registered node's.
+pub const GATEWAY_UNKNOWN_DEVICE: PublicKey = PublicKey::from_bytes(*b"meshd gateway: device not known!");
+
 pub const PING_LEN: usize = 8;
 
 /// The frame types this version knows.

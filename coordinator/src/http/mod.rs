@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod extract;
+pub mod gateway;
 pub mod meta;
 pub mod node;
 pub mod relay;
@@ -71,6 +72,8 @@ pub struct StateInner {
     pub stun_ports: Vec<u16>,
     /// The relay, `None` when it is off (`--no-relay`).
     pub relay: Option<Arc<crate::relay::Relay>>,
+    /// The WireGuard gateway for stock devices, `None` when it is off (`--no-gateway`).
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
     /// The generated OpenAPI document, set once the router is built.
     pub openapi_json: OnceLock<String>,
 }
@@ -130,6 +133,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(admin::get_node, admin::update_node, admin::delete_node))
         .routes(routes!(admin::wireguard_config))
         .routes(routes!(admin::audit_log))
+        .routes(routes!(gateway::gateway))
         .routes(routes!(meta::healthz))
         .routes(routes!(meta::readyz))
         .routes(routes!(meta::metrics))

@@ -32,7 +32,11 @@ pub async fn info(State(state): State<AppState>) -> Json<CoordinatorInfo> {
         join_key: state.join_key.public_key(),
         stun_ports: state.stun_ports.clone(),
         relay: state.relay.is_some(),
-        gateway_port: None,
+        gateway_port: state
+            .gateway
+            .as_ref()
+            .and_then(|gateway| gateway.local_addr().ok())
+            .map(|addr| addr.port()),
     })
 }
 

@@ -488,6 +488,11 @@ impl TestKey {
         Self { secret, public }
     }
 
+    /// The private half, for tests that run a real WireGuard `Tunn` with this key.
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.secret.to_bytes()
+    }
+
     /// The join proof (base64) for joining as `as_key` with this key's private half (a forgery when `as_key` is
     /// not this key's public key), against the coordinator's `join_key`.
     pub fn proof(&self, join_key: &PublicKey, token_id: &str, as_key: &PublicKey, hostname: &str) -> String {

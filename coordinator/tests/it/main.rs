@@ -7,6 +7,7 @@ mod admin;
 mod cli;
 mod devices;
 mod faults;
+mod gateway;
 mod joins;
 mod limits;
 mod migrations;

@@ -28,7 +28,7 @@ both_backends! {
 
 /// A frame as the test client reads it.
 #[derive(Debug, PartialEq, Eq)]
-enum Got {
+pub(crate) enum Got {
     Recv { src: PublicKey, datagram: Vec<u8> },
     PeerGone(PublicKey),
     Ping([u8; 8]),
@@ -38,7 +38,7 @@ enum Got {
 }
 
 /// A relay client: the upgraded connection split in two, so a test can stop reading while still sending.
-struct RelayConn {
+pub(crate) struct RelayConn {
     reader: ReadHalf<reqwest::Upgraded>,
     writer: WriteHalf<reqwest::Upgraded>,
     buf: Vec<u8>,
@@ -66,7 +66,7 @@ async fn relay_request(c: &Coord, credential: &str, upgrade: bool) -> reqwest::R
 }
 
 impl RelayConn {
-    async fn connect(c: &Coord, credential: &str) -> Self {
+    pub(crate) async fn connect(c: &Coord, credential: &str) -> Self {
         let response = relay_request(c, credential, true).await;
         assert_eq!(response.status(), 101, "relay upgrade");
         assert_eq!(response.headers()["upgrade"], relay::UPGRADE_PROTOCOL);
@@ -92,7 +92,7 @@ impl RelayConn {
         self.writer.write_all(&out).await.expect("write frame");
     }
 
-    async fn send(&mut self, dst: &PublicKey, datagram: &[u8]) {
+    pub(crate) async fn send(&mut self, dst: &PublicKey, datagram: &[u8]) {
         self.write_frame(RelayFrame::Send { dst: *dst, datagram }).await;
     }
 
@@ -115,7 +115,7 @@ impl RelayConn {
         }
     }
 
-    async fn next(&mut self, within: Duration) -> Got {
+    pub(crate) async fn next(&mut self, within: Duration) -> Got {
         match self.read_raw(within).await {
             Err(true) => Got::Closed,
             Err(false) => Got::Timeout,
@@ -133,7 +133,7 @@ impl RelayConn {
     }
 }
 
-async fn coordinator_info(c: &Coord) -> CoordinatorInfo {
+pub(crate) async fn coordinator_info(c: &Coord) -> CoordinatorInfo {
     c.client
         .get(c.url(paths::INFO))
         .send()

@@ -20,6 +20,9 @@ pub(crate) struct EndpointState {
     cursor: usize,
     /// The source of the peer's last authenticated packet; wins over the candidates.
     learned: Option<SocketAddr>,
+    /// The peer's last authenticated packet came through the coordinator's device gateway (over the relay): a
+    /// stock device behind a NAT. Wins over the candidates like `learned` does.
+    via_gateway: bool,
     /// Handshake initiations sent since the peer last answered anything.
     unanswered_initiations: u32,
 }
@@ -35,6 +38,12 @@ impl EndpointState {
     /// Where packets for this peer go now; None: unknown, wait for the peer to send first.
     pub(crate) fn current(&self) -> Option<SocketAddr> {
         self.learned.or_else(|| self.candidates.get(self.cursor).copied())
+    }
+
+    /// True when packets go through the coordinator's gateway: the peer last answered from there, or there is no
+    /// address to send to at all (a stock device registered by key reports none).
+    pub(crate) fn uses_gateway(&self) -> bool {
+        self.via_gateway || self.current().is_none()
     }
 
     /// True when the current endpoint was learned from the peer's own packets rather than configured.
@@ -58,6 +67,13 @@ impl EndpointState {
     /// A packet from `source` passed authentication (handshake or data): the peer is there now (WireGuard roaming).
     pub(crate) fn on_authenticated(&mut self, source: SocketAddr) {
         self.learned = Some(source);
+        self.via_gateway = false;
+        self.unanswered_initiations = 0;
+    }
+
+    /// A packet that came through the device gateway passed authentication: answer the same way.
+    pub(crate) fn on_authenticated_via_gateway(&mut self) {
+        self.via_gateway = true;
         self.unanswered_initiations = 0;
     }
 
@@ -65,7 +81,12 @@ impl EndpointState {
     /// unanswered (boringtun only re-sends after REKEY_TIMEOUT), move on to the next candidate first.
     pub(crate) fn on_initiation(&mut self) -> Option<SocketAddr> {
         if self.unanswered_initiations > 0 {
-            if self.learned.is_some() {
+            if self.via_gateway {
+                // Unanswered through the gateway: try the candidates (if any) as a classic peer again.
+                if self.unanswered_initiations >= LEARNED_ENDPOINT_MAX_MISSES {
+                    self.via_gateway = false;
+                }
+            } else if self.learned.is_some() {
                 if self.unanswered_initiations >= LEARNED_ENDPOINT_MAX_MISSES {
                     self.learned = None;
                 }

@@ -535,6 +535,7 @@ mod tests {
             endpoints: vec![],
             persistent_keepalive: None,
             kind: NodeKind::Device,
+            preshared_key: None,
         };
         let (table, _) = build_table(
             &PeerTable::default(),
@@ -649,6 +650,7 @@ mod tests {
                 endpoints: endpoints.clone(),
                 persistent_keepalive: None,
                 kind: *kind,
+                preshared_key: None,
             })
             .collect();
         let (table, _) = build_table(&PeerTable::default(), configs, &mut factory);

@@ -87,8 +87,8 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519;
 use ipnet::Ipv4Net;
 pub use meshd_protocol::NodeKind;
-use meshd_protocol::PublicKey;
 use meshd_protocol::stun::{self, TransactionId};
+use meshd_protocol::{PresharedKey, PublicKey};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -148,8 +148,11 @@ pub struct PeerConfig {
     pub endpoints: Vec<SocketAddr>,
     /// Persistent keepalive interval, to keep NAT mappings open.
     pub persistent_keepalive: Option<u16>,
-    /// Agent: disco path selection and the relay. Device: classic WireGuard (endpoint + roaming), never the relay.
+    /// Agent: disco path selection and the relay. Device: classic WireGuard (endpoint + roaming), or through the
+    /// coordinator's device gateway (over the relay) when that is where it answers from or it has no endpoint.
     pub kind: NodeKind,
+    /// Mixed into the pair's handshakes (WireGuard's optional symmetric key); both ends must have the same.
+    pub preshared_key: Option<PresharedKey>,
 }
 
 /// Counters and state of one peer, for `meshd status`.
@@ -160,7 +163,8 @@ pub struct PeerStatus {
     /// The direct address packets currently go to (confirmed by disco, roamed or configured); None when they go
     /// over the relay or nowhere yet.
     pub endpoint: Option<SocketAddr>,
-    /// "direct" (UDP to `endpoint`), "relay" (through the coordinator's relay) or "none" (no path known yet).
+    /// "direct" (UDP to `endpoint`), "relay" (through the coordinator's relay), "gateway" (a stock device, through the
+    /// coordinator's device gateway) or "none" (no path known yet).
     pub path: &'static str,
     /// RTT of the last disco pong on the direct path (agent peers).
     pub latency_ms: Option<f64>,
@@ -581,10 +585,10 @@ impl Engine {
                         agent.path.latency().map(|rtt| rtt.as_secs_f64() * 1000.0),
                     ),
                     None => (
-                        if state.endpoint.current().is_some() {
-                            "direct"
+                        if state.endpoint.uses_gateway() {
+                            if relay_connected { "gateway" } else { "none" }
                         } else {
-                            "none"
+                            "direct"
                         },
                         None,
                     ),

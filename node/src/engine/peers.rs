@@ -19,7 +19,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519;
 use ipnet::Ipv4Net;
 use meshd_protocol::disco::DiscoKey;
-use meshd_protocol::{NodeKind, PublicKey};
+use meshd_protocol::{NodeKind, PresharedKey, PublicKey};
 
 use super::PeerConfig;
 use super::dispatch::{MSG_HANDSHAKE_INIT, message_type};
@@ -45,6 +45,8 @@ pub(crate) struct PeerState {
     /// Agent peers: disco path selection and the pair's disco key. None for devices.
     pub(crate) agent: Option<Box<AgentPath>>,
     pub(crate) name: String,
+    /// The preshared key the `Tunn` was made with (a change needs a new `Tunn`).
+    pub(crate) preshared_key: Option<PresharedKey>,
     /// Our own persistent keepalive (boringtun's cannot be changed on a live `Tunn`, ours follows reconfigure).
     pub(crate) keepalive: Option<Duration>,
     /// Bytes on the wire (encrypted datagrams), like `wg show` transfer.
@@ -125,6 +127,14 @@ impl PeerState {
         } else {
             self.endpoint.current()
         };
+        if self.endpoint.uses_gateway() {
+            // A stock device reached through the coordinator's gateway: the relay carries it there.
+            return if relay_connected {
+                Destination::Relay
+            } else {
+                Destination::Unknown
+            };
+        }
         endpoint.map_or(Destination::Unknown, Destination::Udp)
     }
 
@@ -156,7 +166,12 @@ impl PeerState {
             (Origin::Udp(source), Some(agent)) => {
                 agent.path.on_authenticated_udp(source, now);
             }
-            (Origin::Relay(_), _) => self.relay_rx_bytes += len as u64,
+            (Origin::Relay(_), agent) => {
+                self.relay_rx_bytes += len as u64;
+                if agent.is_none() {
+                    self.endpoint.on_authenticated_via_gateway();
+                }
+            }
         }
     }
 
@@ -167,6 +182,7 @@ impl PeerState {
                 Route::Direct(addr) => Some(addr),
                 Route::Relay | Route::Nowhere => None,
             },
+            None if self.endpoint.uses_gateway() => None,
             None => self.endpoint.current(),
         }
     }
@@ -247,7 +263,7 @@ impl TunnFactory<'_> {
         let tunn = Tunn::new(
             self.private_key.clone(),
             x25519::PublicKey::from(*config.public_key.as_bytes()),
-            None,
+            config.preshared_key.map(|psk| *psk.as_bytes()),
             // Persistent keepalive is ours (see PeerState::keepalive), so boringtun's stays off.
             None,
             index,
@@ -260,6 +276,7 @@ impl TunnFactory<'_> {
                 tunn,
                 endpoint: EndpointState::new(config.endpoints.clone()),
                 agent: agent_path(self.private_key, config, now),
+                preshared_key: config.preshared_key,
                 name: config.name.clone(),
                 keepalive: keepalive_duration(config.persistent_keepalive),
                 rx_bytes: 0,
@@ -323,7 +340,11 @@ pub(crate) fn build_table(
 
     let mut table = PeerTable::default();
     for config in &desired {
-        let peer = match old.by_key(&config.public_key) {
+        // A kept key keeps its peer, unless its preshared key changed: that needs a new `Tunn`.
+        let kept = old
+            .by_key(&config.public_key)
+            .filter(|peer| peer.lock().preshared_key == config.preshared_key);
+        let peer = match kept {
             Some(peer) => {
                 if update_in_place(peer, config, factory.private_key, now) {
                     changes.updated.push(config.public_key);
@@ -416,6 +437,7 @@ mod tests {
             endpoints: endpoints.iter().map(|e| e.parse().expect("test endpoint")).collect(),
             persistent_keepalive: None,
             kind: NodeKind::Device,
+            preshared_key: None,
         }
     }
 
