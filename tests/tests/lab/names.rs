@@ -164,6 +164,8 @@ fn names_resolve_follow_renames_and_deletions_and_leave_no_trace() {
             outside.contains("status: NOERROR") && outside.contains(UPSTREAM_ANSWER),
             "an outside name asked by an overlay client was not forwarded to the upstream: {outside}"
         );
+        // Gone again: it answers every name, so the gpu-server's own lookups (getent below) would find it.
+        upstream.stop(meshd_lab::process::STOP_GRACE);
         let from_underlay = dig(
             &gpu.host,
             &[
