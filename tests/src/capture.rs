@@ -24,12 +24,15 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Starts `tcpdump -i any -n -U -w <lab dir>/<label>.pcap FILTER...` on `host` and waits until it listens.
+    /// Starts `tcpdump -i any -n -U --immediate-mode -w <lab dir>/captures/<label>.pcap FILTER...` on `host` and
+    /// waits until it listens.
     /// `-U` writes every packet as it comes, so the file is complete once tcpdump has exited.
     pub fn start(lab: &Lab, host: &Host, label: &str, filter: &[&str]) -> Result<Self> {
         let file = lab.subdir("captures")?.join(format!("{label}.pcap"));
         let path = file.to_string_lossy().into_owned();
-        let mut args = vec!["-i", "any", "-n", "-U", "-Z", "root", "-w", &path];
+        // --immediate-mode: without it libpcap hands packets over in blocks (or after a timeout), and a capture
+        // stopped soon after the traffic loses what was still in the kernel's ring.
+        let mut args = vec!["-i", "any", "-n", "-U", "--immediate-mode", "-Z", "root", "-w", &path];
         args.extend(filter);
         let tcpdump = crate::env::tool_path("tcpdump");
         let mut process = lab.spawn(
