@@ -35,6 +35,7 @@ PACKAGES=(
     wireguard-go wireguard-tools    # lab: stock WireGuard interop
     iperf3 jq ethtool               # benchmarks (tests/bench/meshd.sh, the NAT lab's relay-vs-direct run)
     dnsutils                        # lab: dig against the agents' DNS responders (names scenario)
+    tcpdump python3                 # lab: gateway scenario (capture at the coordinator, an HTTP server over the tunnel)
     faketime                        # fault suite: a wall-clock jump under a running coordinator
 )
 

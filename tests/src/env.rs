@@ -32,6 +32,9 @@ fn package_of(tool: &str) -> &'static str {
         "wireguard-go" => "wireguard-go",
         "conntrack" => "conntrack",
         "iperf3" => "iperf3",
+        "tcpdump" => "tcpdump",
+        "python3" => "python3",
+        "dig" => "dnsutils",
         _ => "?",
     }
 }

@@ -14,7 +14,10 @@
 //!   `meshd status --json` reports, and waits on them.
 //! - [`mesh`]: a coordinator host and node hosts running the real binaries; the admin API through `curl`.
 //! - [`ssh`]: an `sshd` from Debian's openssh-server inside a node's namespace, and its client.
-//! - [`wireguard`]: a stock `wireguard-go` + `wg` peer.
+//! - [`wireguard`]: a stock `wireguard-go` + `wg` peer; [`gateway`]: a device registered for the coordinator's
+//!   WireGuard gateway (exported config and its contract) and a UDP flood of the gateway port.
+//! - [`capture`]: `tcpdump` inside a host as a guard, and a reader of its pcap files.
+//! - [`fakedns`]: a fake upstream resolver (inside a namespace) for the agents' DNS forwarding.
 //!
 //! # Safety invariants (DEVELOPERS.md, "Network tests")
 //! - Every namespace, interface and socket name carries the lab's unique id (PID + counter).
@@ -25,8 +28,11 @@
 //! - Processes are killed by the PID of a `Child` we have not reaped yet (so it cannot be recycled), never by
 //!   name; namespaces and processes go away on drop, also when a scenario panics.
 
+pub mod capture;
 pub mod cmd;
 pub mod env;
+pub mod fakedns;
+pub mod gateway;
 pub mod lab;
 pub mod mesh;
 pub mod natlab;

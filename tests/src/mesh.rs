@@ -51,12 +51,19 @@ pub struct Coordinator {
     pub url: String,
     data_dir: PathBuf,
     api_key: String,
+    /// Flags added to every `serve` (a scenario's feature switches, such as `--gateway-port`).
+    serve_args: Vec<String>,
     process: Option<Process>,
 }
 
 impl Coordinator {
     /// Starts `serve` on `host`, waits until `/healthz` answers, and creates an admin API key.
     pub fn start(lab: &Lab, host: Host) -> Result<Self> {
+        Self::start_with_args(lab, host, &[])
+    }
+
+    /// [`Coordinator::start`] with `serve_args` added to `serve`'s command line (also on restarts).
+    pub fn start_with_args(lab: &Lab, host: Host, serve_args: &[&str]) -> Result<Self> {
         let data_dir = lab.subdir(&format!("coordinator-{}", host.name))?;
         let url = format!("https://{}:{COORDINATOR_PORT}", host.underlay);
         let mut coordinator = Self {
@@ -64,6 +71,7 @@ impl Coordinator {
             url,
             data_dir,
             api_key: String::new(),
+            serve_args: serve_args.iter().map(|a| (*a).to_owned()).collect(),
             process: None,
         };
         coordinator.serve(lab)?;
@@ -91,21 +99,23 @@ impl Coordinator {
         let data_dir = self.data_dir.to_string_lossy().into_owned();
         let listen = format!("{}:{COORDINATOR_PORT}", self.host.underlay);
         let log = rust_log();
+        let mut args = vec![
+            "serve",
+            "--data-dir",
+            &data_dir,
+            "--listen",
+            &listen,
+            "--public-url",
+            &self.url,
+            "--network",
+            OVERLAY_NETWORK,
+        ];
+        args.extend(self.serve_args.iter().map(String::as_str));
         let process = lab.spawn(
             &self.host,
             "coordinator",
             &bin.to_string_lossy(),
-            &[
-                "serve",
-                "--data-dir",
-                &data_dir,
-                "--listen",
-                &listen,
-                "--public-url",
-                &self.url,
-                "--network",
-                OVERLAY_NETWORK,
-            ],
+            &args,
             &[("RUST_LOG", &log), ("NO_COLOR", "1")],
         )?;
         self.process = Some(process);
@@ -184,6 +194,20 @@ impl Coordinator {
             bail!("{method} {path} returned {code}: {text}");
         }
         Ok(text)
+    }
+
+    /// `GET /api/v1/info`, parsed.
+    pub fn info(&self) -> Result<Value> {
+        let text = self.admin("GET", "/api/v1/info", None)?;
+        serde_json::from_str(&text).with_context(|| format!("parsing /api/v1/info: {text}"))
+    }
+
+    /// Fails if the coordinator process has exited (with the tail of its log).
+    pub fn ensure_running(&mut self) -> Result<()> {
+        match self.process.as_mut() {
+            Some(p) => p.ensure_running(),
+            None => bail!("the coordinator on {} is not started", self.host.name),
+        }
     }
 
     /// `GET /api/v1/nodes`.

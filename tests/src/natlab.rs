@@ -319,6 +319,45 @@ impl NatSite {
         self.iptables(&["-A", BLOCK_CHAIN, "-i", "eth0", "-o", BRIDGE, "-p", "udp", "-j", "DROP"])
     }
 
+    /// Like [`NatSite::block_udp`], but UDP between the segment and `allowed` (the coordinator: its STUN ports
+    /// and the WireGuard gateway) still passes, both ways: a corporate network that lets through only what its
+    /// firewall was told about.
+    pub fn block_udp_except(&self, allowed: Ipv4Addr) -> Result<()> {
+        crate::lab::assert_lab_address(allowed)?;
+        let allowed = allowed.to_string();
+        self.iptables(&["-F", BLOCK_CHAIN])?;
+        self.iptables(&[
+            "-A",
+            BLOCK_CHAIN,
+            "-i",
+            BRIDGE,
+            "-o",
+            "eth0",
+            "-p",
+            "udp",
+            "-d",
+            &allowed,
+            "-j",
+            "RETURN",
+        ])?;
+        self.iptables(&[
+            "-A",
+            BLOCK_CHAIN,
+            "-i",
+            "eth0",
+            "-o",
+            BRIDGE,
+            "-p",
+            "udp",
+            "-s",
+            &allowed,
+            "-j",
+            "RETURN",
+        ])?;
+        self.iptables(&["-A", BLOCK_CHAIN, "-i", BRIDGE, "-o", "eth0", "-p", "udp", "-j", "DROP"])?;
+        self.iptables(&["-A", BLOCK_CHAIN, "-i", "eth0", "-o", BRIDGE, "-p", "udp", "-j", "DROP"])
+    }
+
     /// Removes what [`NatSite::block_udp`] added.
     pub fn unblock_udp(&self) -> Result<()> {
         self.iptables(&["-F", BLOCK_CHAIN])

@@ -32,6 +32,11 @@ impl PeerPath {
     pub fn is_relay(&self) -> bool {
         self.path == "relay"
     }
+
+    /// A stock WireGuard device reached through the coordinator's WireGuard gateway.
+    pub fn is_gateway(&self) -> bool {
+        self.path == "gateway"
+    }
 }
 
 impl fmt::Display for PeerPath {

@@ -142,6 +142,16 @@ impl SshServer {
         command
     }
 
+    /// The `ssh root@<address> <remote>` command line as one shell word list (each argument single-quoted), for a
+    /// pipeline run with `sh -c` on a host (`ssh ... 'cat file' | sha256sum`: binary output never enters a String).
+    pub fn shell_command(&self, remote: &str) -> String {
+        std::iter::once("ssh".to_owned())
+            .chain(self.client_args(remote))
+            .map(|arg| format!("'{}'", arg.replace('\'', r"'\''")))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Runs `remote` over ssh from `from`; returns the output (whatever the exit code).
     pub fn run(&self, from: &Host, remote: &str, timeout: Duration) -> Result<Output> {
         cmd::run(&mut self.client_command(from, remote), timeout)

@@ -4,7 +4,8 @@
 //!
 //! Owns the [`NameService`]: it watches the applied map, builds the [`NameTable`] (pure, in
 //! `meshd_protocol::dns`, which also decides every DNS answer), publishes it to the agent's DNS responder
-//! ([`resolver`], on the overlay address, port 53) and to the host:
+//! ([`resolver`], on the overlay address, port 53; it forwards other names of overlay clients to the host's
+//! upstream resolvers, [`forward`]) and to the host:
 //! - with systemd-resolved (its stub in `/etc/resolv.conf`, same network namespace): the mesh interface gets the
 //!   responder as its per-link DNS server for the domain and the overlay's reverse zones ([`resolved`]);
 //! - elsewhere (no resolved, containers, network namespaces): a managed block in the hosts file ([`hosts`]), which
@@ -13,6 +14,7 @@
 //! `meshd down` (and `leave`, and removal by an admin) take the names away again: the block is removed, resolved's
 //! link settings reverted. Knows nothing of packets; reads the map only through the agent's map watch.
 
+pub mod forward;
 pub mod hosts;
 pub mod resolved;
 pub mod resolver;
@@ -77,7 +79,8 @@ pub struct DnsStatus {
     pub hosts_file: Option<String>,
     /// Names resolvable now.
     pub names: usize,
-    /// Queries answered, and datagrams ignored (not from the overlay or loopback, or not a query).
+    /// Queries answered (forwarded ones included), and datagrams ignored (not from the overlay or loopback, or not
+    /// a query).
     pub answered: u64,
     pub ignored: u64,
     /// Why the set-up is not as asked (resolved unusable, port 53 taken).
@@ -138,12 +141,18 @@ impl NameService {
         let shared: SharedTable = Arc::new(ArcSwapOption::empty());
         let mut notes = Vec::new();
         let address = SocketAddr::from((settings.address, settings.port));
-        let responder = match Resolver::bind(address, shared.clone()).await {
+        // Read once: the upstreams overlay clients' other names go to (stock devices send every query here).
+        let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let upstreams = forward::upstreams(&resolv_conf, settings.address);
+        if upstreams.is_empty() {
+            tracing::info!("no nameserver in /etc/resolv.conf: names outside the mesh are refused to overlay clients");
+        }
+        let responder = match Resolver::bind(address, shared.clone(), upstreams.clone()).await {
             Ok(resolver) => {
                 let bound = resolver.local_addr().unwrap_or(address);
                 set(&status, |s| s.resolver = Some(bound.to_string()));
                 let _ = status.counters.set(resolver.counters());
-                tracing::info!(%bound, "DNS responder for mesh names");
+                tracing::info!(%bound, ?upstreams, "DNS responder for mesh names, forwarding for overlay clients");
                 Some(tokio::spawn(resolver.run(stop.child_token())))
             }
             Err(e) => {

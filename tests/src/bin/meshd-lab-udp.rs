@@ -6,8 +6,14 @@
 //! - `probe [--tcp] --bind ADDR --timeout-ms N TARGET...`: from ONE socket bound to ADDR (UDP), or one
 //!   connection per target (TCP; `--bind` is ignored), asks each TARGET and prints `TARGET OBSERVED` or
 //!   `TARGET timeout`. Exit 0 if every target answered, 1 otherwise.
+//! - `flood --target ADDR --duration-ms N --rate PPS [--replay-hex HEX]`: sends WireGuard-shaped garbage to ADDR
+//!   (`meshd_lab::gateway::flood_datagram`) at about PPS datagrams per second for N ms (at most 2 minutes), then
+//!   prints `sent COUNT datagrams in S s`.
+//! - `dns-upstream ADDR IP`: a fake upstream resolver on ADDR (`meshd_lab::fakedns`): every A query is answered
+//!   with IP. Runs until killed.
 //!
-//! It only talks to the addresses it is given, and only the lab's ranges (198.18.0.0/15) are accepted.
+//! It only talks to the addresses it is given, and only the lab's ranges (198.18.0.0/15) are accepted; the fake
+//! resolver may also bind loopback (inside a namespace, where the lab's `resolv.conf` points).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -102,9 +108,57 @@ fn read_all(mut stream: TcpStream, timeout: Duration) -> Option<String> {
     Some(text)
 }
 
+/// Longest flood accepted: every process of the lab is bounded in time.
+const MAX_FLOOD: Duration = Duration::from_secs(120);
+
+fn flood(target: SocketAddr, duration: Duration, rate: u32, replay: Option<&[u8]>) -> Result<()> {
+    if duration > MAX_FLOOD {
+        bail!("a flood lasts at most {MAX_FLOOD:?}");
+    }
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding the flood socket")?;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id());
+    let mut rng = meshd_lab::gateway::XorShift::new(seed);
+    let started = Instant::now();
+    let mut sent: u64 = 0;
+    // Paced per millisecond: the count due by now is sent, then a short sleep.
+    while started.elapsed() < duration {
+        let due = (started.elapsed().as_secs_f64() * f64::from(rate)) as u64;
+        while sent < due {
+            let datagram = meshd_lab::gateway::flood_datagram(sent, &mut rng, replay);
+            // The target may answer with ICMP errors (port closed): they are no reason to stop.
+            let _ = socket.send_to(&datagram, target);
+            sent += 1;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    println!(
+        "sent {sent} datagrams in {:.1} s to {target}",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn dns_upstream(bind: SocketAddr, address: Ipv4Addr) -> Result<()> {
+    let socket = UdpSocket::bind(bind).with_context(|| format!("binding UDP {bind}"))?;
+    println!("serving DNS on {bind}");
+    let mut buf = [0u8; 1500];
+    while let Ok((len, from)) = socket.recv_from(&mut buf) {
+        if let Some(reply) = meshd_lab::fakedns::answer(&buf[..len], address) {
+            let _ = socket.send_to(&reply, from);
+        }
+    }
+    Ok(())
+}
+
 fn run(args: &[String]) -> Result<bool> {
     let Some(command) = args.first() else {
-        bail!("usage: meshd-lab-udp serve ADDR... | probe [--tcp] --bind ADDR --timeout-ms N TARGET...");
+        bail!(
+            "usage: meshd-lab-udp serve ADDR... | probe [--tcp] --bind ADDR --timeout-ms N TARGET... | flood \
+             --target ADDR --duration-ms N --rate PPS [--replay-hex HEX] | dns-upstream ADDR IP"
+        );
     };
     match command.as_str() {
         "serve" => {
@@ -138,6 +192,39 @@ fn run(args: &[String]) -> Result<bool> {
                 println!("{target} {}", answer.as_deref().unwrap_or("timeout"));
             }
             Ok(answers.iter().all(Option::is_some))
+        }
+        "flood" => {
+            let (mut target, mut duration, mut rate, mut replay) = (None, None, None, None);
+            let mut rest = args[1..].iter();
+            while let Some(arg) = rest.next() {
+                let mut value = || rest.next().with_context(|| format!("{arg} needs a value"));
+                match arg.as_str() {
+                    "--target" => target = Some(parse_addr(value()?)?),
+                    "--duration-ms" => duration = Some(Duration::from_millis(value()?.parse()?)),
+                    "--rate" => rate = Some(value()?.parse()?),
+                    "--replay-hex" => replay = Some(hex::decode(value()?).context("--replay-hex")?),
+                    other => bail!("unknown flood option {other:?}"),
+                }
+            }
+            flood(
+                target.context("--target is required")?,
+                duration.context("--duration-ms is required")?,
+                rate.context("--rate is required")?,
+                replay.as_deref(),
+            )?;
+            Ok(true)
+        }
+        "dns-upstream" => {
+            let [bind, address] = &args[1..] else {
+                bail!("usage: meshd-lab-udp dns-upstream ADDR IP");
+            };
+            let bind: SocketAddr = bind.parse().with_context(|| format!("bad address {bind:?}"))?;
+            if !bind.ip().is_loopback() {
+                lab_address(&bind)?;
+            }
+            let address: Ipv4Addr = address.parse().with_context(|| format!("bad IP {address:?}"))?;
+            dns_upstream(bind, address)?;
+            Ok(true)
         }
         other => bail!("unknown command {other:?}"),
     }

@@ -7,6 +7,7 @@
 mod admin_delete;
 mod connectivity;
 mod coordinator_outage;
+mod gateway;
 mod harness;
 mod long_session;
 mod names;
