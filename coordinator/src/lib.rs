@@ -30,6 +30,7 @@ pub mod naming;
 pub mod netmap;
 pub mod ops;
 pub mod presence;
+pub mod psk;
 pub mod relay;
 pub mod secrets;
 pub mod store;

@@ -29,7 +29,7 @@ pub fn map_node(node: &Node) -> MapNode {
             NodeKind::Meshd => meshd_protocol::NodeKind::Agent,
             NodeKind::Wireguard => meshd_protocol::NodeKind::Device,
         },
-        preshared_key: false,
+        preshared_key: node.preshared_key,
     }
 }
 
@@ -166,6 +166,7 @@ mod tests {
             last_seen: None,
             tags: vec![],
             created_at: 0,
+            preshared_key: false,
         }
     }
 

@@ -66,6 +66,7 @@ mod tests {
             last_seen: None,
             tags: vec![],
             created_at: 0,
+            preshared_key: false,
         }
     }
 

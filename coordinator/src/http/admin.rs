@@ -100,6 +100,8 @@ pub struct NodeInfo {
     #[schema(value_type = Vec<String>)]
     pub endpoints: Vec<SocketAddr>,
     pub created_at: i64,
+    /// Every pair with this node uses a preshared key.
+    pub preshared_key: bool,
 }
 
 impl NodeInfo {
@@ -116,6 +118,7 @@ impl NodeInfo {
             tags: n.tags,
             endpoints: n.endpoints,
             created_at: n.created_at,
+            preshared_key: n.preshared_key,
         }
     }
 }
@@ -130,6 +133,15 @@ pub struct RegisterDeviceRequest {
     pub public_key: PublicKey,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Every pair with the device mixes a preshared key into its handshake (its config gets `PresharedKey` lines).
+    /// Absent: true (it only adds protection).
+    #[serde(default = "default_true")]
+    #[schema(default = true)]
+    pub preshared_key: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `PATCH /api/v1/nodes/{id}`: absent fields stay as they are.
@@ -305,13 +317,15 @@ pub async fn register_device(
     admin: AdminAuth,
     ApiJson(request): ApiJson<RegisterDeviceRequest>,
 ) -> Result<(StatusCode, Json<NodeInfo>), ApiError> {
-    naming::validate(&request.name).map_err(ApiError::bad_request)?;
-    naming::validate_tags(&request.tags).map_err(ApiError::bad_request)?;
-    let tags = naming::normalize_tags(request.tags);
-    let node = state
-        .store
-        .register_device(&admin.actor(), &request.name, request.public_key, &tags, state.network)
-        .await?;
+    let device = ops::NewDevice {
+        name: request.name,
+        public_key: request.public_key,
+        tags: request.tags,
+        preshared_key: request.preshared_key,
+    };
+    let node = ops::register_device(&state.store, &admin.actor(), device, state.network)
+        .await
+        .map_err(issue_error)?;
     tracing::info!(node = node.id, name = %node.name, ip = %node.ip, "WireGuard device registered");
     Ok((StatusCode::CREATED, Json(NodeInfo::new(node, &state.dns))))
 }
