@@ -10,6 +10,7 @@ use crate::model::{Node, now_unix};
 use crate::psk::PskSecret;
 use crate::store::{NewToken, Store, StoreError, settings_keys};
 use crate::tokens::TokenRecord;
+use crate::wgconfig::{self, ExportOptions};
 use crate::{naming, secrets};
 
 /// What a new token allows.
@@ -131,4 +132,46 @@ pub async fn psk_secret(store: &Store) -> Result<PskSecret, StoreError> {
         }
     };
     PskSecret::from_stored(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// A device's wg-quick file and what the caller may want to warn about.
+#[derive(Debug)]
+pub struct ExportedConfig {
+    pub device: Node,
+    pub text: String,
+    /// False when no gateway endpoint is published: agents behind NAT may be unreachable from the device.
+    pub gateway_on: bool,
+}
+
+/// Renders node `id`'s wg-quick file ([`wgconfig`]) with the gateway endpoint `serve` published and the pairs'
+/// preshared keys; `private_key` replaces the placeholder. `None` when there is no such node.
+pub async fn export_config(
+    store: &Store,
+    id: meshd_protocol::NodeId,
+    network: Ipv4Net,
+    dns_domain: &str,
+    private_key: Option<&x25519_dalek::StaticSecret>,
+) -> Result<Option<ExportedConfig>, StoreError> {
+    let nodes = store.nodes().await?;
+    let Some(device) = nodes.iter().find(|n| n.id == id) else {
+        return Ok(None);
+    };
+    let gateway = store
+        .setting(settings_keys::GATEWAY_ENDPOINT)
+        .await?
+        .filter(|g| !g.trim().is_empty());
+    let secret = psk_secret(store).await?;
+    let options = ExportOptions {
+        network,
+        gateway_endpoint: gateway.as_deref().map(str::trim),
+        dns_domain,
+        psk_secret: &secret,
+        private_key,
+    };
+    let text = wgconfig::render(device, &nodes, &options);
+    Ok(Some(ExportedConfig {
+        device: device.clone(),
+        text,
+        gateway_on: gateway.is_some(),
+    }))
 }

@@ -19,7 +19,7 @@ use crate::model::{Node, now_unix};
 use crate::ops::{self, IssueError, TokenOptions};
 use crate::store::{AuditEntry, NodeUpdate};
 use crate::tokens::TokenRecord;
-use crate::{naming, wgconfig};
+use crate::{naming, qr};
 
 /// `POST /api/v1/tokens`. Without `reusable` or `uses` a token is single-use.
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -422,13 +422,27 @@ pub async fn delete_node(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// wg-quick config for a registered WireGuard device (or any node): its address and every meshd node as a peer.
+/// `GET /api/v1/nodes/{id}/wireguard-config?format=`.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ConfigQuery {
+    /// `conf` (the wg-quick file, default), `png` or `svg` (the file as a QR code for the phone apps to scan).
+    pub format: Option<String>,
+}
+
+/// What `format` may be.
+const CONFIG_FORMATS: &str = "conf, png, svg";
+
+/// wg-quick config for a registered WireGuard device (or any node): its address, DNS, and every meshd node as a peer
+/// (through the coordinator's gateway when it is on), as a file or a QR code.
 #[utoipa::path(
     get, path = "/api/v1/nodes/{id}/wireguard-config", tag = "admin",
-    params(("id" = i64, Path, description = "Node id")),
+    params(("id" = i64, Path, description = "Node id"), ConfigQuery),
     security(("admin" = [])),
     responses(
         (status = 200, description = "wg-quick file; replace the PrivateKey placeholder with the device's own key", content_type = "text/plain", body = String),
+        (status = 200, description = "The file as a QR code (`format=png`)", content_type = "image/png", body = Vec<u8>),
+        (status = 200, description = "The file as a QR code (`format=svg`)", content_type = "image/svg+xml", body = String),
+        (status = 400, description = "Unknown format, or the file is too long for a QR code", body = ErrorBody),
         (status = 401, description = "Missing or invalid admin API key", body = ErrorBody),
         (status = 404, description = "No such node", body = ErrorBody),
     )
@@ -437,20 +451,45 @@ pub async fn wireguard_config(
     State(state): State<AppState>,
     _admin: AdminAuth,
     ApiPath(id): ApiPath<NodeId>,
+    ApiQuery(query): ApiQuery<ConfigQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let nodes = state.store.nodes().await?;
-    let device = nodes
-        .iter()
-        .find(|n| n.id == id)
+    let format = query.format.as_deref().unwrap_or("conf");
+    if !CONFIG_FORMATS.split(", ").any(|f| f == format) {
+        return Err(ApiError::bad_request(format!(
+            "unknown format `{format}`; use one of: {CONFIG_FORMATS}"
+        )));
+    }
+    let exported = ops::export_config(&state.store, id, state.network, &state.dns.domain, None)
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no node {id}")))?;
-    let text = wgconfig::render(device, state.network, &nodes);
-    let disposition = format!("attachment; filename=\"{}.conf\"", device.name);
+    let name = &exported.device.name;
+    let qr_error = |e: qr::QrCodeError| match e {
+        qr::QrCodeError::TooLong { .. } => ApiError::bad_request(e.to_string()),
+        other => ApiError::internal(other),
+    };
+    let (content_type, disposition, body): (&str, String, Vec<u8>) = match format {
+        "png" => (
+            "image/png",
+            format!("inline; filename=\"{name}.png\""),
+            qr::png(&exported.text).map_err(qr_error)?,
+        ),
+        "svg" => (
+            "image/svg+xml",
+            format!("inline; filename=\"{name}.svg\""),
+            qr::svg(&exported.text).map_err(qr_error)?.into_bytes(),
+        ),
+        _ => (
+            "text/plain; charset=utf-8",
+            format!("attachment; filename=\"{name}.conf\""),
+            exported.text.into_bytes(),
+        ),
+    };
     Ok((
         [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()),
+            (header::CONTENT_TYPE, content_type.to_string()),
             (header::CONTENT_DISPOSITION, disposition),
         ],
-        text,
+        body,
     ))
 }
 
