@@ -256,7 +256,7 @@ mod tests {
         let text = render(&phone, &nodes, &options(&secret));
         assert!(text.contains("Address = 10.77.0.2/32\nDNS = 10.77.0.5, 10.77.0.7, 10.77.0.3, mesh.internal\n"));
 
-        let alone = render(&phone, &[phone.clone()], &options(&secret));
+        let alone = render(&phone, std::slice::from_ref(&phone), &options(&secret));
         assert!(!alone.contains("DNS"), "no agent, nothing answers names");
     }
 
@@ -270,7 +270,7 @@ mod tests {
             private_key: Some(&private),
             ..options(&secret)
         };
-        let text = render(&phone, &[phone.clone()], &opts);
+        let text = render(&phone, std::slice::from_ref(&phone), &opts);
         assert!(text.contains(&format!("PrivateKey = {}\n", base64_key([3u8; 32]))));
         assert!(!text.contains(PRIVATE_KEY_PLACEHOLDER));
         assert!(text.contains("keep it secret"));
