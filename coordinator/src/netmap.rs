@@ -181,6 +181,17 @@ mod tests {
     }
 
     #[test]
+    fn map_entry_says_whether_pairs_use_a_preshared_key() {
+        let mut device = node(4);
+        device.kind = NodeKind::Wireguard;
+        device.preshared_key = true;
+        let entry = map_node(&device);
+        assert!(entry.preshared_key);
+        assert_eq!(entry.kind, meshd_protocol::NodeKind::Device);
+        assert!(!map_node(&node(5)).preshared_key);
+    }
+
+    #[test]
     fn events_pick_the_right_message() {
         let added = ChangeEvent::new(&ChangeRecord {
             version: 5,

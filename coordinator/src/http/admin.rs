@@ -1,5 +1,5 @@
 //! Admin routes (bearer admin API key): join tokens, nodes (including plain WireGuard devices and their wg-quick
-//! config), the audit log. Bodies are defined here: nodes never send them.
+//! config, as a file or a QR code), the audit log. Bodies are defined here: nodes never send them.
 
 use std::net::SocketAddr;
 
