@@ -1,4 +1,4 @@
-//! The commands besides `serve`: admin API keys, join tokens, nodes. They open the same database as `serve` (a
+//! The commands besides `serve`: admin API keys, join tokens, nodes, stock WireGuard devices. They open the same database as `serve` (a
 //! separate process is fine: SQLite waits for the serving process's short write transactions, and the serving
 //! process's broker picks up CLI changes by polling). Secrets are printed as the last line of stdout, so scripts can
 //! take `| tail -n1`; everything else goes above it or to stderr.
@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 use meshd_protocol::CertFingerprint;
 
 use crate::config::{
-    ApikeyCommand, CommonArgs, FileConfig, NodeCommand, StorageConfig, TlsMode, TokenCommand, TokenCreateArgs,
-    validate_public_url,
+    ApikeyCommand, CommonArgs, DeviceAddArgs, DeviceCommand, FileConfig, NodeCommand, StorageConfig, TlsMode,
+    TokenCommand, TokenCreateArgs, validate_public_url,
 };
 use crate::model::now_unix;
 use crate::ops::{self, TokenOptions};
@@ -165,6 +165,124 @@ pub async fn node(storage: &StorageConfig, command: NodeCommand) -> anyhow::Resu
     }
     store.close().await;
     Ok(())
+}
+
+pub async fn device(storage: &StorageConfig, command: DeviceCommand) -> anyhow::Result<()> {
+    let store = open(storage).await?;
+    let result = match command {
+        DeviceCommand::Add(args) => add_device(&store, args).await,
+        DeviceCommand::Config { device, qr } => {
+            let id = find_node(&store, &device).await?;
+            print_config(&store, id, None, qr).await
+        }
+    };
+    store.close().await;
+    result
+}
+
+async fn add_device(store: &Store, args: DeviceAddArgs) -> anyhow::Result<()> {
+    // The key pair is made here, in this process: the private half goes into the printed config only.
+    let generated = args
+        .generate_key
+        .then(|| x25519_dalek::StaticSecret::random_from_rng(rand::rngs::OsRng));
+    let public_key = match (&generated, args.public_key) {
+        (Some(secret), _) => meshd_protocol::PublicKey::from_bytes(x25519_dalek::PublicKey::from(secret).to_bytes()),
+        (None, Some(key)) => key,
+        (None, None) => bail!("give the device's public key with --public-key KEY, or --generate-key"),
+    };
+    let device = ops::NewDevice {
+        name: args.name,
+        public_key,
+        tags: args.tags,
+        preshared_key: !args.no_preshared_key,
+    };
+    let node = ops::register_device(store, ACTOR, device, stored_network(store).await?)
+        .await
+        .map_err(|e| match e {
+            ops::IssueError::Invalid(m) => anyhow::anyhow!(m),
+            ops::IssueError::Store(crate::store::StoreError::Conflict(m)) => anyhow::anyhow!(m),
+            ops::IssueError::Store(e) => e.into(),
+        })?;
+    eprintln!(
+        "Device {} ({}, {}) registered{}.",
+        node.id,
+        node.name,
+        node.ip,
+        if node.preshared_key { " with preshared keys" } else { "" }
+    );
+    if generated.is_some() {
+        eprintln!(
+            "warning: the config below holds the device's private key. It is shown this once and stored nowhere: \
+             import it on the device now (or run `device config {}` later and paste the key yourself).",
+            node.id
+        );
+    }
+    print_config(store, node.id, generated.as_ref(), args.qr).await
+}
+
+/// Prints node `id`'s wg-quick config (and its QR code), warning on stderr when the gateway is off.
+async fn print_config(
+    store: &Store,
+    id: meshd_protocol::NodeId,
+    private_key: Option<&x25519_dalek::StaticSecret>,
+    qr: bool,
+) -> anyhow::Result<()> {
+    let domain = stored_dns_domain(store).await?;
+    let exported = ops::export_config(store, id, stored_network(store).await?, &domain, private_key)
+        .await?
+        .with_context(|| format!("no node {id} (see: node list)"))?;
+    if !exported.gateway_on {
+        eprintln!(
+            "warning: the coordinator's WireGuard gateway is off (no gateway endpoint published), so each peer's \
+             Endpoint is its last reported address: peers behind NAT will not be reachable from this device. Turn the \
+             gateway on with `meshd-coordinator serve` (gateway enabled, default port 51820/udp, reachable from the \
+             devices) and export the config again."
+        );
+    }
+    print!("{}", exported.text);
+    if qr {
+        let code = crate::qr::terminal(&exported.text).map_err(|e| anyhow::anyhow!(e))?;
+        println!();
+        println!("Scan with the WireGuard app (\"Create from QR code\"):");
+        print!("{code}");
+        if !code.ends_with('\n') {
+            println!();
+        }
+    }
+    Ok(())
+}
+
+/// A node id, or the id of the node with that name.
+async fn find_node(store: &Store, id_or_name: &str) -> anyhow::Result<meshd_protocol::NodeId> {
+    if let Ok(id) = id_or_name.parse() {
+        return Ok(id);
+    }
+    store
+        .nodes()
+        .await?
+        .into_iter()
+        .find(|n| n.name == id_or_name)
+        .map(|n| n.id)
+        .with_context(|| format!("no node named `{id_or_name}` (see: node list)"))
+}
+
+/// The network `serve` allocates from, as it last stored it.
+async fn stored_network(store: &Store) -> anyhow::Result<ipnet::Ipv4Net> {
+    let text = store.setting(settings_keys::NETWORK).await?.context(
+        "the coordinator's network is not known yet: start `meshd-coordinator serve` once with this database",
+    )?;
+    text.parse()
+        .with_context(|| format!("the stored network `{text}` is damaged; start `meshd-coordinator serve` again"))
+}
+
+/// The DNS domain of the last `serve` (the second word of its map settings), else the default.
+async fn stored_dns_domain(store: &Store) -> anyhow::Result<String> {
+    let settings = store.setting(settings_keys::MAP_SETTINGS).await?;
+    Ok(settings
+        .as_deref()
+        .and_then(|s| s.split_whitespace().nth(1))
+        .unwrap_or(meshd_protocol::names::DEFAULT_DNS_DOMAIN)
+        .to_string())
 }
 
 /// Loads the storage settings for a non-serving command.

@@ -79,6 +79,9 @@ pub enum Command {
     /// Inspect and remove nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Stock WireGuard devices (phones, laptops with the WireGuard app): register one, print its config.
+    #[command(subcommand)]
+    Device(DeviceCommand),
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -246,6 +249,43 @@ pub enum NodeCommand {
         /// The new name: one DNS label of a-z, 0-9 and `-`.
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Register a stock WireGuard device and print its wg-quick config (with --qr also as a QR code to scan).
+    Add(DeviceAddArgs),
+    /// Print a device's wg-quick config (with --qr also as a QR code to scan).
+    Config {
+        /// The device's node id or name.
+        #[arg(value_name = "ID|NAME")]
+        device: String,
+        /// Also print the config as a QR code for the WireGuard app's "scan from QR code".
+        #[arg(long)]
+        qr: bool,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("key").required(true).args(["public_key", "generate_key"])))]
+pub struct DeviceAddArgs {
+    /// The device's name: one DNS label of a-z, 0-9 and `-`.
+    pub name: String,
+    /// The public key the device's WireGuard app generated (base64).
+    #[arg(long, value_name = "KEY")]
+    pub public_key: Option<meshd_protocol::PublicKey>,
+    /// Generate the device's key pair here: the private key is printed in the config once and stored nowhere.
+    #[arg(long)]
+    pub generate_key: bool,
+    /// Tag of the device (repeatable).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Register without a preshared key (by default every pair with the device uses one).
+    #[arg(long)]
+    pub no_preshared_key: bool,
+    /// Also print the config as a QR code for the WireGuard app's "scan from QR code".
+    #[arg(long)]
+    pub qr: bool,
 }
 
 /// Keys of the TOML file.

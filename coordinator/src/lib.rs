@@ -31,6 +31,8 @@ pub mod naming;
 pub mod netmap;
 pub mod ops;
 pub mod presence;
+pub mod psk;
+pub mod qr;
 pub mod relay;
 pub mod secrets;
 pub mod store;

@@ -34,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Apikey(command) => cli::apikey(&cli::storage_for(&args.common)?, command).await,
         Command::Token(command) => cli::token(&cli::storage_for(&args.common)?, command).await,
         Command::Node(command) => cli::node(&cli::storage_for(&args.common)?, command).await,
+        Command::Device(command) => cli::device(&cli::storage_for(&args.common)?, command).await,
     }
 }
 

@@ -139,6 +139,7 @@ mod tests {
             last_seen: Some(5),
             tags: vec!["a\"peers\":[]".into()],
             created_at: 0,
+            preshared_key: false,
         }
     }
 

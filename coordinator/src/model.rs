@@ -41,6 +41,9 @@ pub struct Node {
     pub last_seen: Option<i64>,
     pub tags: Vec<String>,
     pub created_at: i64,
+    /// Every pair with this node mixes a preshared key into its handshake (see [`crate::psk`]); set at registration
+    /// of a stock WireGuard device (default on), false for agents.
+    pub preshared_key: bool,
 }
 
 /// What happened to a node, as recorded in the change log.

@@ -29,7 +29,7 @@ pub fn map_node(node: &Node) -> MapNode {
             NodeKind::Meshd => meshd_protocol::NodeKind::Agent,
             NodeKind::Wireguard => meshd_protocol::NodeKind::Device,
         },
-        preshared_key: false,
+        preshared_key: node.preshared_key,
     }
 }
 
@@ -166,6 +166,7 @@ mod tests {
             last_seen: None,
             tags: vec![],
             created_at: 0,
+            preshared_key: false,
         }
     }
 
@@ -177,6 +178,17 @@ mod tests {
         assert_eq!(map.self_node.id, 2);
         assert_eq!(map.peers.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1, 3]);
         assert!(full_map(7, net, None, 9, &nodes).is_none());
+    }
+
+    #[test]
+    fn map_entry_says_whether_pairs_use_a_preshared_key() {
+        let mut device = node(4);
+        device.kind = NodeKind::Wireguard;
+        device.preshared_key = true;
+        let entry = map_node(&device);
+        assert!(entry.preshared_key);
+        assert_eq!(entry.kind, meshd_protocol::NodeKind::Device);
+        assert!(!map_node(&node(5)).preshared_key);
     }
 
     #[test]

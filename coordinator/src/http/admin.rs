@@ -1,5 +1,5 @@
 //! Admin routes (bearer admin API key): join tokens, nodes (including plain WireGuard devices and their wg-quick
-//! config), the audit log. Bodies are defined here: nodes never send them.
+//! config, as a file or a QR code), the audit log. Bodies are defined here: nodes never send them.
 
 use std::net::SocketAddr;
 
@@ -19,7 +19,7 @@ use crate::model::{Node, now_unix};
 use crate::ops::{self, IssueError, TokenOptions};
 use crate::store::{AuditEntry, NodeUpdate};
 use crate::tokens::TokenRecord;
-use crate::{naming, wgconfig};
+use crate::{naming, qr};
 
 /// `POST /api/v1/tokens`. Without `reusable` or `uses` a token is single-use.
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -100,6 +100,8 @@ pub struct NodeInfo {
     #[schema(value_type = Vec<String>)]
     pub endpoints: Vec<SocketAddr>,
     pub created_at: i64,
+    /// Every pair with this node uses a preshared key.
+    pub preshared_key: bool,
 }
 
 impl NodeInfo {
@@ -116,6 +118,7 @@ impl NodeInfo {
             tags: n.tags,
             endpoints: n.endpoints,
             created_at: n.created_at,
+            preshared_key: n.preshared_key,
         }
     }
 }
@@ -130,6 +133,15 @@ pub struct RegisterDeviceRequest {
     pub public_key: PublicKey,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Every pair with the device mixes a preshared key into its handshake (its config gets `PresharedKey` lines).
+    /// Absent: true (it only adds protection).
+    #[serde(default = "default_true")]
+    #[schema(default = true)]
+    pub preshared_key: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `PATCH /api/v1/nodes/{id}`: absent fields stay as they are.
@@ -305,13 +317,15 @@ pub async fn register_device(
     admin: AdminAuth,
     ApiJson(request): ApiJson<RegisterDeviceRequest>,
 ) -> Result<(StatusCode, Json<NodeInfo>), ApiError> {
-    naming::validate(&request.name).map_err(ApiError::bad_request)?;
-    naming::validate_tags(&request.tags).map_err(ApiError::bad_request)?;
-    let tags = naming::normalize_tags(request.tags);
-    let node = state
-        .store
-        .register_device(&admin.actor(), &request.name, request.public_key, &tags, state.network)
-        .await?;
+    let device = ops::NewDevice {
+        name: request.name,
+        public_key: request.public_key,
+        tags: request.tags,
+        preshared_key: request.preshared_key,
+    };
+    let node = ops::register_device(&state.store, &admin.actor(), device, state.network)
+        .await
+        .map_err(issue_error)?;
     tracing::info!(node = node.id, name = %node.name, ip = %node.ip, "WireGuard device registered");
     Ok((StatusCode::CREATED, Json(NodeInfo::new(node, &state.dns))))
 }
@@ -408,13 +422,27 @@ pub async fn delete_node(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// wg-quick config for a registered WireGuard device (or any node): its address and every meshd node as a peer.
+/// `GET /api/v1/nodes/{id}/wireguard-config?format=`.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ConfigQuery {
+    /// `conf` (the wg-quick file, default), `png` or `svg` (the file as a QR code for the phone apps to scan).
+    pub format: Option<String>,
+}
+
+/// What `format` may be.
+const CONFIG_FORMATS: &str = "conf, png, svg";
+
+/// wg-quick config for a registered WireGuard device (or any node): its address, DNS, and every meshd node as a peer
+/// (through the coordinator's gateway when it is on), as a file or a QR code.
 #[utoipa::path(
     get, path = "/api/v1/nodes/{id}/wireguard-config", tag = "admin",
-    params(("id" = i64, Path, description = "Node id")),
+    params(("id" = i64, Path, description = "Node id"), ConfigQuery),
     security(("admin" = [])),
     responses(
         (status = 200, description = "wg-quick file; replace the PrivateKey placeholder with the device's own key", content_type = "text/plain", body = String),
+        (status = 200, description = "The file as a QR code (`format=png`)", content_type = "image/png", body = Vec<u8>),
+        (status = 200, description = "The file as a QR code (`format=svg`)", content_type = "image/svg+xml", body = String),
+        (status = 400, description = "Unknown format, or the file is too long for a QR code", body = ErrorBody),
         (status = 401, description = "Missing or invalid admin API key", body = ErrorBody),
         (status = 404, description = "No such node", body = ErrorBody),
     )
@@ -423,20 +451,45 @@ pub async fn wireguard_config(
     State(state): State<AppState>,
     _admin: AdminAuth,
     ApiPath(id): ApiPath<NodeId>,
+    ApiQuery(query): ApiQuery<ConfigQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let nodes = state.store.nodes().await?;
-    let device = nodes
-        .iter()
-        .find(|n| n.id == id)
+    let format = query.format.as_deref().unwrap_or("conf");
+    if !CONFIG_FORMATS.split(", ").any(|f| f == format) {
+        return Err(ApiError::bad_request(format!(
+            "unknown format `{format}`; use one of: {CONFIG_FORMATS}"
+        )));
+    }
+    let exported = ops::export_config(&state.store, id, state.network, &state.dns.domain, None)
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no node {id}")))?;
-    let text = wgconfig::render(device, state.network, &nodes);
-    let disposition = format!("attachment; filename=\"{}.conf\"", device.name);
+    let name = &exported.device.name;
+    let qr_error = |e: qr::QrCodeError| match e {
+        qr::QrCodeError::TooLong { .. } => ApiError::bad_request(e.to_string()),
+        other => ApiError::internal(other),
+    };
+    let (content_type, disposition, body): (&str, String, Vec<u8>) = match format {
+        "png" => (
+            "image/png",
+            format!("inline; filename=\"{name}.png\""),
+            qr::png(&exported.text).map_err(qr_error)?,
+        ),
+        "svg" => (
+            "image/svg+xml",
+            format!("inline; filename=\"{name}.svg\""),
+            qr::svg(&exported.text).map_err(qr_error)?.into_bytes(),
+        ),
+        _ => (
+            "text/plain; charset=utf-8",
+            format!("attachment; filename=\"{name}.conf\""),
+            exported.text.into_bytes(),
+        ),
+    };
     Ok((
         [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()),
+            (header::CONTENT_TYPE, content_type.to_string()),
             (header::CONTENT_DISPOSITION, disposition),
         ],
-        text,
+        body,
     ))
 }
 

@@ -125,6 +125,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(node::join))
         .routes(routes!(stream::map))
         .routes(routes!(node::report_endpoints))
+        .routes(routes!(node::preshared_keys))
         .routes(routes!(node::leave))
         .routes(routes!(relay::relay))
         .routes(routes!(admin::create_token, admin::list_tokens))

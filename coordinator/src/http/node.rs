@@ -1,4 +1,5 @@
-//! Routes the meshd agent calls: info, join, endpoint reports, leave. (The map stream is in [`super::stream`].)
+//! Routes the meshd agent calls: info, join, endpoint reports, preshared keys, leave. (The map stream is in
+//! [`super::stream`].)
 //!
 //! Every join proves possession of the private key of its public key (see [`meshd_protocol::proof`]): the proof is
 //! checked before the database is touched, for a first join and a re-join alike, so no token holder can take over
@@ -9,14 +10,16 @@ use std::net::SocketAddr;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use meshd_protocol::api::{CoordinatorInfo, EndpointReport, ErrorBody, JoinRequest, JoinResponse, MAX_ENDPOINTS};
+use meshd_protocol::api::{
+    CoordinatorInfo, EndpointReport, ErrorBody, JoinRequest, JoinResponse, MAX_ENDPOINTS, PresharedKeys,
+};
 use meshd_protocol::{JoinToken, PROTOCOL_VERSION};
 
 use super::AppState;
 use super::extract::{ApiJson, NodeAuth};
 use crate::error::ApiError;
 use crate::store::{JoinInput, StoreError};
-use crate::telemetry;
+use crate::{ops, psk, telemetry};
 
 /// Longest hostname accepted (a full DNS name); it is cut to one 63-character label anyway.
 const MAX_HOSTNAME_LEN: usize = 253;
@@ -145,6 +148,28 @@ pub async fn report_endpoints(
     }
     tracing::debug!(node = node.node_id, ?endpoints, "endpoints reported");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The preshared key of every pair this node is part of that uses one (pairs with a node registered with
+/// `preshared_key`, or every pair when this node itself was). Keys never travel in the map.
+#[utoipa::path(
+    get, path = "/api/v1/node/preshared-keys", tag = "node",
+    security(("node" = [])),
+    responses(
+        (status = 200, description = "One key per peer whose pair with this node uses one", body = PresharedKeys),
+        (status = 401, description = "Invalid node credential", body = ErrorBody),
+    )
+)]
+pub async fn preshared_keys(State(state): State<AppState>, node: NodeAuth) -> Result<Json<PresharedKeys>, ApiError> {
+    let nodes = state.store.nodes().await?;
+    let caller = nodes
+        .iter()
+        .find(|n| n.id == node.node_id)
+        .ok_or(StoreError::NotFound)?;
+    let secret = ops::psk_secret(&state.store).await?;
+    Ok(Json(PresharedKeys {
+        keys: psk::keys_for(&secret, caller, &nodes),
+    }))
 }
 
 /// Leave the network: the node is deleted and its credential stops working.

@@ -465,7 +465,8 @@ async fn connection_is_clean(connection: &mut AnyConnection) -> std::result::Res
 /// The columns of a node row, in the order [`decode_node`] expects (a macro so it can go into `concat!`).
 macro_rules! node_columns {
     () => {
-        "n.id, n.name, n.ip, n.public_key, n.kind, n.endpoints, n.online_streams, n.last_seen, n.tags, n.created_at"
+        "n.id, n.name, n.ip, n.public_key, n.kind, n.endpoints, n.online_streams, n.last_seen, n.tags, n.created_at, \
+         n.preshared_key"
     };
 }
 pub(crate) use node_columns;
@@ -483,6 +484,7 @@ pub(crate) fn decode_node(row: &AnyRow) -> Result<Node> {
     let tags: String = row.try_get("tags")?;
     let kind: String = row.try_get("kind")?;
     let online_streams: i64 = row.try_get("online_streams")?;
+    let preshared_key: i64 = row.try_get("preshared_key")?;
     Ok(Node {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -494,6 +496,7 @@ pub(crate) fn decode_node(row: &AnyRow) -> Result<Node> {
         last_seen: row.try_get("last_seen")?,
         tags: serde_json::from_str(&tags).map_err(|e| corrupt("tags", e))?,
         created_at: row.try_get("created_at")?,
+        preshared_key: preshared_key != 0,
     })
 }
 

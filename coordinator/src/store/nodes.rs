@@ -140,12 +140,14 @@ impl Store {
     }
 
     /// Registers a plain WireGuard device (no credential) by its public key; the name must be valid and free.
+    /// With `preshared_key`, every pair with the device mixes a preshared key into its handshake.
     pub async fn register_device(
         &self,
         actor: &str,
         name: &str,
         public_key: PublicKey,
         tags: &[String],
+        preshared_key: bool,
         network: Ipv4Net,
     ) -> Result<Node> {
         let now = now_unix();
@@ -163,8 +165,8 @@ impl Store {
         Self::ensure_name_free_in(&mut w.tx, name, None).await?;
         let ip = Self::free_ip_in(&mut w.tx, network).await?;
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO nodes (name, ip, public_key, kind, credential_hash, tags, created_at) \
-             VALUES ($1, $2, $3, $4, NULL, $5, $6) RETURNING id",
+            "INSERT INTO nodes (name, ip, public_key, kind, credential_hash, tags, created_at, preshared_key) \
+             VALUES ($1, $2, $3, $4, NULL, $5, $6, $7) RETURNING id",
         )
         .bind(name)
         .bind(i64::from(u32::from(ip)))
@@ -172,6 +174,7 @@ impl Store {
         .bind(NodeKind::Wireguard.as_str())
         .bind(to_json(&tags))
         .bind(now)
+        .bind(i64::from(preshared_key))
         .fetch_one(&mut *w.tx)
         .await?;
         w.append_change(id, ChangeKind::Added).await?;
@@ -179,7 +182,7 @@ impl Store {
             actor,
             "node.register",
             &format!("node:{id}"),
-            &format!("name {name}, ip {ip}, key {key}"),
+            &format!("name {name}, ip {ip}, key {key}, preshared key {preshared_key}"),
         )
         .await?;
         let node = Self::node_in(&mut w.tx, id).await?.ok_or(StoreError::NotFound)?;

@@ -375,6 +375,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/join"),
     ("get", "/api/v1/map"),
     ("put", "/api/v1/node/endpoints"),
+    ("get", "/api/v1/node/preshared-keys"),
     ("delete", "/api/v1/node"),
     ("get", "/api/v1/relay"),
     ("post", "/api/v1/tokens"),
@@ -505,6 +506,7 @@ async fn audit_health_metrics_openapi(backend: Backend) {
         "ErrorBody",
         "NodeInfo",
         "TokenInfo",
+        "PresharedKeys",
     ] {
         assert!(doc["components"]["schemas"].get(schema).is_some(), "schema {schema}");
     }

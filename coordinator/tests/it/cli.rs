@@ -253,3 +253,91 @@ fn log_file_has_no_colour_codes_and_json_is_one_object_per_line() {
     }
     assert!(lines > 0);
 }
+
+/// `device add` / `device config`: the generated private key goes into the printed config only, the QR code is
+/// printed with the text, and the missing gateway is warned about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_add_and_config() {
+    use crate::harness::{Backend, Coord, TestDb, key};
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let c = Coord::start(&db).await;
+    let token = c.token(serde_json::json!({})).await;
+    c.join(&token, &key(1), "server").await;
+    let d = db.data_dir().to_str().expect("utf8").to_string();
+    let cli = move |args: Vec<String>| {
+        let d = d.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut all = vec!["--data-dir".to_string(), d];
+            all.extend(args);
+            run(&all.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+    };
+    let args = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
+
+    let out = cli(args("device add phone --generate-key --tag mobile --qr"))
+        .await
+        .expect("join");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("shown this once and stored nowhere"), "{stderr}");
+    assert!(
+        stderr.contains("gateway is off") && stderr.contains("51820/udp"),
+        "{stderr}"
+    );
+    let private = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("PrivateKey = "))
+        .expect("PrivateKey line");
+    let bytes: [u8; 32] = STANDARD.decode(private).expect("base64").try_into().expect("32 bytes");
+    let public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(bytes));
+    let nodes: serde_json::Value = c.admin_json(reqwest::Method::GET, "/api/v1/nodes").await;
+    let phone = nodes
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == "phone")
+        .expect("phone registered");
+    assert_eq!(
+        phone["public_key"],
+        STANDARD.encode(public.as_bytes()),
+        "registered with the generated key"
+    );
+    assert_eq!(phone["preshared_key"], true);
+    assert_eq!(phone["tags"], serde_json::json!(["mobile"]));
+    assert!(stdout.contains("PresharedKey = ") && stdout.contains("DNS = 10.77.0.2, mesh.internal"));
+    assert!(stdout.contains('\u{2588}'), "QR code printed");
+    // The private key was stored nowhere the coordinator can show.
+    let audit = c
+        .admin_send(reqwest::Method::GET, "/api/v1/audit", None)
+        .await
+        .text()
+        .await
+        .expect("audit");
+    assert!(!audit.contains(private) && !nodes.to_string().contains(private));
+
+    let out = cli(args(&format!(
+        "device add tablet --public-key {} --no-preshared-key",
+        *key(9)
+    )))
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("PresharedKey"));
+
+    // By name, later: the placeholder (the private key is gone).
+    let out = cli(args("device config phone")).await.expect("join");
+    assert!(out.status.success());
+    let again = String::from_utf8_lossy(&out.stdout);
+    assert!(again.contains(meshd_coordinator::wgconfig::PRIVATE_KEY_PLACEHOLDER) && !again.contains(private));
+
+    let out = cli(args("device add nokey")).await.expect("join");
+    assert!(!out.status.success());
+    let out = cli(args("device config nosuch")).await.expect("join");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no node named `nosuch`"));
+    c.stop().await;
+}
