@@ -68,7 +68,7 @@ impl Device {
             .admin_send(
                 reqwest::Method::POST,
                 "/api/v1/nodes",
-                Some(json!({"name": "laptop", "public_key": public.to_base64()})),
+                Some(json!({"name": "laptop", "public_key": public.to_base64(), "preshared_key": false})),
             )
             .await
             .json()
