@@ -68,6 +68,8 @@ pub enum DropReason {
     TableFull,
     /// An index shared by several sessions arrived from an address none of them has.
     Ambiguous,
+    /// An initiation reused the sender index of a live session or of another address's handshake (a replay).
+    IndexInUse,
 }
 
 impl DropReason {
@@ -78,6 +80,7 @@ impl DropReason {
             DropReason::NoDeviceAddress => "no_device_address",
             DropReason::TableFull => "table_full",
             DropReason::Ambiguous => "ambiguous_index",
+            DropReason::IndexInUse => "index_in_use",
         }
     }
 }
@@ -158,6 +161,14 @@ impl Table {
                 let Some(agent) = target else {
                     return Route::Drop(DropReason::UnknownIndex);
                 };
+                // A sender index already in use stays with its session: a replayed (captured) initiation from
+                // elsewhere must not take over a live session or another device's handshake. The same device
+                // retrying from the same address replaces its own unanswered attempt.
+                if let Some(existing) = self.by_device_index.get(&sender).map(|id| &self.sessions[id])
+                    && (existing.established || existing.device_addr != source)
+                {
+                    return Route::Drop(DropReason::IndexInUse);
+                }
                 if !self.room_for_pending(agent) {
                     return Route::Drop(DropReason::TableFull);
                 }
@@ -727,15 +738,34 @@ mod tests {
     }
 
     #[test]
+    fn a_replayed_initiation_cannot_take_over_a_session() {
+        let now = Instant::now();
+        let mut table = Table::new();
+        device_session(&mut table, now);
+        // The laptop's captured initiation, replayed from an attacker's address.
+        let replay = table.from_device(Message::Initiation { sender: 0xD1 }, addr(666), Some(key(GPU)), now);
+        assert_eq!(replay, Route::Drop(DropReason::IndexInUse));
+        assert_eq!(
+            table.from_agent(key(GPU), key(LAPTOP), Message::Data { receiver: 0xD1 }, now),
+            Route::ToDevice(addr(1000)),
+            "replies still go to the laptop"
+        );
+        // Nor a pending handshake of another address.
+        table.from_device(Message::Initiation { sender: 0xAA }, addr(1000), Some(key(GPU)), now);
+        let steal = table.from_device(Message::Initiation { sender: 0xAA }, addr(666), Some(key(GPU)), now);
+        assert_eq!(steal, Route::Drop(DropReason::IndexInUse));
+    }
+
+    #[test]
     fn a_reused_device_index_replaces_the_old_handshake() {
         let now = Instant::now();
         let mut table = Table::new();
         table.from_device(Message::Initiation { sender: 7 }, addr(1), Some(key(GPU)), now);
-        table.from_device(Message::Initiation { sender: 7 }, addr(2), Some(key(GPU)), now);
+        table.from_device(Message::Initiation { sender: 7 }, addr(1), Some(key(GPU)), now);
         assert_eq!(table.len(), 1);
         assert_eq!(
             table.from_agent(key(GPU), key(LAPTOP), Message::Response { sender: 1, receiver: 7 }, now),
-            Route::ToDevice(addr(2))
+            Route::ToDevice(addr(1))
         );
     }
 }
