@@ -235,8 +235,8 @@ async fn print_config(
         eprintln!(
             "warning: the coordinator's WireGuard gateway is off (no gateway endpoint published), so each peer's \
              Endpoint is its last reported address: peers behind NAT will not be reachable from this device. Turn the \
-             gateway on with `meshd-coordinator serve` (gateway enabled, default port 51820/udp, reachable from the \
-             devices) and export the config again."
+             gateway on (`meshd-coordinator serve` without --no-gateway; UDP port 51820 or --gateway-port, reachable \
+             from the devices) and export the config again."
         );
     }
     print!("{}", exported.text);

@@ -82,7 +82,7 @@ pub async fn run(
         None => (guess_public_url(local, tls_on), true),
     };
     let host = public_host(&public_url);
-    let tls_files = tls::prepare(&config.tls, &config.storage.data_dir, &[host.clone()])?;
+    let tls_files = tls::prepare(&config.tls, &config.storage.data_dir, std::slice::from_ref(&host))?;
     let fingerprint = tls_files.as_ref().map(|t| t.fingerprint);
     store.set_setting(settings_keys::PUBLIC_URL, &public_url).await?;
     store

@@ -303,7 +303,7 @@ impl Relay {
                 start += frame.consumed;
                 match frame.decode() {
                     Ok(RelayFrame::Send { dst, datagram }) if let Some(gateway) = self.gateway_for(&dst) => {
-                        gateway.from_agent(identity.key, dst, datagram);
+                        gateway.on_agent_datagram(identity.key, dst, datagram);
                     }
                     Ok(RelayFrame::Send { dst, datagram }) => match self.forward(identity.key, &dst, datagram) {
                         Ok(()) => {

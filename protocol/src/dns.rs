@@ -8,7 +8,8 @@
 //!
 //! The responder is authoritative for one zone only, the network's domain (`gpu-server.mesh.internal`, and a bare
 //! `gpu-server` for stock devices without a search domain), plus the reverse names of the overlay network (PTR).
-//! It never recurses and never forwards: any other name is REFUSED, so it is no open resolver. Answers carry at
+//! `answer` itself never recurses: any other name is REFUSED (the agent forwards such queries, from overlay clients
+//! only, to its host's resolvers; see the agent's `dns::forward`), so it is no open resolver. Answers carry at
 //! most one record more than the query, so it is no amplifier. Messages are parsed and built by `hickory-proto`.
 
 use std::collections::{BTreeMap, HashMap};

@@ -6,7 +6,7 @@
 //! (`mac1` is keyed by the responder's *public* key; boringtun's `RateLimiter` per agent checks it), everything later
 //! by the receiver indexes the handshake taught the pure [`table::Table`]. Towards the agent a datagram becomes a
 //! relay `Recv` frame (tagged with the device's key once a session knows it); an agent's `Send` to a device's key
-//! comes here from the relay ([`Gateway::from_agent`]) and leaves this port to the device's latest address.
+//! comes here from the relay ([`Gateway::on_agent_datagram`]) and leaves this port to the device's latest address.
 //!
 //! Under attack: everything that is not a well-formed WireGuard message, matches no agent or no session is dropped
 //! and counted (`meshd_gateway_dropped_packets_total{reason}`). Handshakes per agent are rate limited: beyond
@@ -189,12 +189,14 @@ impl Gateway {
 
     /// A datagram `agent` sent over its relay connection to `device`: routed by the session table to the device's
     /// latest address, or dropped and counted.
-    pub fn from_agent(&self, agent: PublicKey, device: PublicKey, datagram: &[u8]) {
+    pub fn on_agent_datagram(&self, agent: PublicKey, device: PublicKey, datagram: &[u8]) {
         let message = match wireguard::parse(datagram) {
             Ok(message) => message,
             Err(_) => return self.drop_counted("malformed"),
         };
-        let route = self.lock_table().from_agent(agent, device, message, Instant::now());
+        let route = self
+            .lock_table()
+            .route_from_agent(agent, device, message, Instant::now());
         match route {
             Route::ToDevice(addr) => self.send_to_device(datagram, addr),
             Route::Drop(reason) => self.drop_counted(reason.label()),
@@ -241,12 +243,12 @@ impl Gateway {
                     continue;
                 }
             };
-            self.from_device(&buf[..len], source, &mut reply);
+            self.on_device_datagram(&buf[..len], source, &mut reply);
         }
     }
 
     /// One datagram from a device (or anyone) at `source`.
-    fn from_device(&self, datagram: &[u8], source: SocketAddr, reply: &mut [u8; wireguard::COOKIE_REPLY_LEN]) {
+    fn on_device_datagram(&self, datagram: &[u8], source: SocketAddr, reply: &mut [u8; wireguard::COOKIE_REPLY_LEN]) {
         let message = match wireguard::parse(datagram) {
             Ok(message) => message,
             Err(_) => return self.drop_counted("malformed"),
@@ -268,7 +270,9 @@ impl Gateway {
             }
             Message::CookieReply { .. } | Message::Data { .. } => None,
         };
-        let route = self.lock_table().from_device(message, source, target, Instant::now());
+        let route = self
+            .lock_table()
+            .route_from_device(message, source, target, Instant::now());
         match route {
             Route::ToAgent { agent, device } => {
                 let tag = device.unwrap_or(meshd_protocol::relay::GATEWAY_UNKNOWN_DEVICE);

@@ -136,7 +136,7 @@ impl Table {
     }
 
     /// The agent a device's message to the agent index `receiver` would go to (no state changes), so the caller can
-    /// check a response's `mac1` against that agent's key before [`Table::from_device`] takes it in.
+    /// check a response's `mac1` against that agent's key before [`Table::route_from_device`] takes it in.
     pub fn agent_for_device_message(&self, receiver: u32, source: SocketAddr) -> Option<PublicKey> {
         self.session_for_device_message(receiver, source)
             .map(|id| self.sessions[&id].agent)
@@ -149,7 +149,7 @@ impl Table {
 
     /// A datagram from a device at `source`. For an initiation, `target` is the agent its `mac1` was made for (the
     /// caller checked it); for other messages it is ignored.
-    pub fn from_device(
+    pub fn route_from_device(
         &mut self,
         message: Message,
         source: SocketAddr,
@@ -195,10 +195,10 @@ impl Table {
                 if session.established || session.device_index.is_some() {
                     return Route::Drop(DropReason::UnknownIndex);
                 }
-                if let Some(replaced) = self.by_device_index.insert(sender, id) {
-                    if replaced != id {
-                        self.remove(replaced);
-                    }
+                if let Some(replaced) = self.by_device_index.insert(sender, id)
+                    && replaced != id
+                {
+                    self.remove(replaced);
                 }
                 let session = self.sessions.get_mut(&id).expect("session just found");
                 session.device_index = Some(sender);
@@ -227,7 +227,7 @@ impl Table {
     }
 
     /// A datagram `agent` sent (over its relay connection) to the device whose key is `device`.
-    pub fn from_agent(&mut self, agent: PublicKey, device: PublicKey, message: Message, now: Instant) -> Route {
+    pub fn route_from_agent(&mut self, agent: PublicKey, device: PublicKey, message: Message, now: Instant) -> Route {
         match message {
             Message::Initiation { sender } => {
                 let Some(addr) = self.device_addrs.get(&device).copied() else {
@@ -432,7 +432,7 @@ mod tests {
 
     /// A device-initiated session: laptop index 0xD1 at port 1000, gpu index 0x100.
     fn device_session(table: &mut Table, now: Instant) {
-        let init = table.from_device(Message::Initiation { sender: 0xD1 }, addr(1000), Some(key(GPU)), now);
+        let init = table.route_from_device(Message::Initiation { sender: 0xD1 }, addr(1000), Some(key(GPU)), now);
         assert_eq!(
             init,
             Route::ToAgent {
@@ -440,7 +440,7 @@ mod tests {
                 device: None
             }
         );
-        let response = table.from_agent(
+        let response = table.route_from_agent(
             key(GPU),
             key(LAPTOP),
             Message::Response {
@@ -459,19 +459,19 @@ mod tests {
         device_session(&mut table, now);
         assert_eq!(table.device_addr(&key(LAPTOP)), Some(addr(1000)));
         assert_eq!(
-            table.from_device(Message::Data { receiver: 0x100 }, addr(1000), None, now),
+            table.route_from_device(Message::Data { receiver: 0x100 }, addr(1000), None, now),
             Route::ToAgent {
                 agent: key(GPU),
                 device: Some(key(LAPTOP))
             }
         );
         assert_eq!(
-            table.from_agent(key(GPU), key(LAPTOP), Message::Data { receiver: 0xD1 }, now),
+            table.route_from_agent(key(GPU), key(LAPTOP), Message::Data { receiver: 0xD1 }, now),
             Route::ToDevice(addr(1000))
         );
         // A cookie reply from the agent to the device's initiation index goes to the device too.
         assert_eq!(
-            table.from_agent(key(GPU), key(LAPTOP), Message::CookieReply { receiver: 0xD1 }, now),
+            table.route_from_agent(key(GPU), key(LAPTOP), Message::CookieReply { receiver: 0xD1 }, now),
             Route::ToDevice(addr(1000))
         );
     }
@@ -480,11 +480,11 @@ mod tests {
     fn an_agent_initiated_session_needs_a_known_device_address() {
         let now = Instant::now();
         let mut table = Table::new();
-        let lonely = table.from_agent(key(GPU), key(LAPTOP), Message::Initiation { sender: 0x200 }, now);
+        let lonely = table.route_from_agent(key(GPU), key(LAPTOP), Message::Initiation { sender: 0x200 }, now);
         assert_eq!(lonely, Route::Drop(DropReason::NoDeviceAddress));
         device_session(&mut table, now);
         assert_eq!(
-            table.from_agent(key(GPU), key(LAPTOP), Message::Initiation { sender: 0x201 }, now),
+            table.route_from_agent(key(GPU), key(LAPTOP), Message::Initiation { sender: 0x201 }, now),
             Route::ToDevice(addr(1000))
         );
         let response = Message::Response {
@@ -492,7 +492,7 @@ mod tests {
             receiver: 0x201,
         };
         assert_eq!(
-            table.from_device(response, addr(1000), None, now),
+            table.route_from_device(response, addr(1000), None, now),
             Route::ToAgent {
                 agent: key(GPU),
                 device: Some(key(LAPTOP))
@@ -500,15 +500,15 @@ mod tests {
         );
         // Answered once only: a replayed response is dropped.
         assert_eq!(
-            table.from_device(response, addr(1000), None, now),
+            table.route_from_device(response, addr(1000), None, now),
             Route::Drop(DropReason::UnknownIndex)
         );
         assert_eq!(
-            table.from_agent(key(GPU), key(LAPTOP), Message::Data { receiver: 0xD2 }, now),
+            table.route_from_agent(key(GPU), key(LAPTOP), Message::Data { receiver: 0xD2 }, now),
             Route::ToDevice(addr(1000))
         );
         assert_eq!(
-            table.from_device(Message::CookieReply { receiver: 0x201 }, addr(1000), None, now),
+            table.route_from_device(Message::CookieReply { receiver: 0x201 }, addr(1000), None, now),
             Route::ToAgent {
                 agent: key(GPU),
                 device: Some(key(LAPTOP))
@@ -523,15 +523,15 @@ mod tests {
         device_session(&mut table, now);
         let other = key(2);
         assert_eq!(
-            table.from_agent(other, key(LAPTOP), Message::Data { receiver: 0xD1 }, now),
+            table.route_from_agent(other, key(LAPTOP), Message::Data { receiver: 0xD1 }, now),
             Route::Drop(DropReason::WrongAgent)
         );
         assert_eq!(
-            table.from_agent(key(GPU), key(7), Message::Data { receiver: 0xD1 }, now),
+            table.route_from_agent(key(GPU), key(7), Message::Data { receiver: 0xD1 }, now),
             Route::Drop(DropReason::WrongAgent)
         );
         assert_eq!(
-            table.from_agent(key(GPU), key(LAPTOP), Message::Data { receiver: 0xBAD }, now),
+            table.route_from_agent(key(GPU), key(LAPTOP), Message::Data { receiver: 0xBAD }, now),
             Route::Drop(DropReason::UnknownIndex)
         );
         // A second response for the same initiation (a replay, or another agent) changes nothing.
@@ -540,11 +540,11 @@ mod tests {
             receiver: 0xD1,
         };
         assert_eq!(
-            table.from_agent(other, key(LAPTOP), replay, now),
+            table.route_from_agent(other, key(LAPTOP), replay, now),
             Route::Drop(DropReason::WrongAgent)
         );
         assert_eq!(
-            table.from_agent(key(GPU), key(LAPTOP), replay, now),
+            table.route_from_agent(key(GPU), key(LAPTOP), replay, now),
             Route::Drop(DropReason::UnknownIndex)
         );
     }
@@ -560,7 +560,7 @@ mod tests {
             Message::Initiation { sender: 5 },
         ] {
             assert_eq!(
-                table.from_device(message, addr(1), None, now),
+                table.route_from_device(message, addr(1), None, now),
                 Route::Drop(DropReason::UnknownIndex)
             );
         }
@@ -573,8 +573,8 @@ mod tests {
         let mut table = Table::new();
         device_session(&mut table, now);
         // A second session of the same laptop with another agent.
-        table.from_device(Message::Initiation { sender: 0xE1 }, addr(1000), Some(key(3)), now);
-        table.from_agent(
+        table.route_from_device(Message::Initiation { sender: 0xE1 }, addr(1000), Some(key(3)), now);
+        table.route_from_agent(
             key(3),
             key(LAPTOP),
             Message::Response {
@@ -585,7 +585,7 @@ mod tests {
         );
         // Both agents chose index 0x100: the address tells the sessions apart.
         assert_eq!(
-            table.from_device(Message::Data { receiver: 0x100 }, addr(1000), None, now),
+            table.route_from_device(Message::Data { receiver: 0x100 }, addr(1000), None, now),
             Route::ToAgent {
                 agent: key(GPU),
                 device: Some(key(LAPTOP))
@@ -593,12 +593,12 @@ mod tests {
         );
         // From a new port the shared index is ambiguous: dropped rather than guessed.
         assert_eq!(
-            table.from_device(Message::Data { receiver: 0x100 }, addr(2000), None, now),
+            table.route_from_device(Message::Data { receiver: 0x100 }, addr(2000), None, now),
             Route::Drop(DropReason::Ambiguous)
         );
         // A unique index roams: this session and the laptop's other sessions answer to the new port.
-        table.from_device(Message::Initiation { sender: 0xF1 }, addr(1000), Some(key(4)), now);
-        table.from_agent(
+        table.route_from_device(Message::Initiation { sender: 0xF1 }, addr(1000), Some(key(4)), now);
+        table.route_from_agent(
             key(4),
             key(LAPTOP),
             Message::Response {
@@ -608,19 +608,19 @@ mod tests {
             now,
         );
         assert_eq!(
-            table.from_device(Message::Data { receiver: 0x4400 }, addr(2000), None, now),
+            table.route_from_device(Message::Data { receiver: 0x4400 }, addr(2000), None, now),
             Route::ToAgent {
                 agent: key(4),
                 device: Some(key(LAPTOP))
             }
         );
         assert_eq!(
-            table.from_agent(key(GPU), key(LAPTOP), Message::Data { receiver: 0xD1 }, now),
+            table.route_from_agent(key(GPU), key(LAPTOP), Message::Data { receiver: 0xD1 }, now),
             Route::ToDevice(addr(2000))
         );
         assert_eq!(table.device_addr(&key(LAPTOP)), Some(addr(2000)));
         assert_eq!(
-            table.from_device(Message::Data { receiver: 0x100 }, addr(2000), None, now),
+            table.route_from_device(Message::Data { receiver: 0x100 }, addr(2000), None, now),
             Route::ToAgent {
                 agent: key(GPU),
                 device: Some(key(LAPTOP))
@@ -632,14 +632,14 @@ mod tests {
     fn handshakes_expire_after_the_timeout_and_sessions_after_their_lifetime() {
         let start = Instant::now();
         let mut table = Table::new();
-        table.from_device(Message::Initiation { sender: 0xA }, addr(1), Some(key(GPU)), start);
+        table.route_from_device(Message::Initiation { sender: 0xA }, addr(1), Some(key(GPU)), start);
         device_session(&mut table, start);
         table.expire(start + HANDSHAKE_TIMEOUT - Duration::from_millis(1));
         assert_eq!(table.len(), 2);
         table.expire(start + HANDSHAKE_TIMEOUT);
         assert_eq!(table.len(), 1, "the unanswered initiation is gone");
         assert_eq!(
-            table.from_agent(
+            table.route_from_agent(
                 key(GPU),
                 key(LAPTOP),
                 Message::Response {
@@ -652,7 +652,7 @@ mod tests {
         );
         table.expire(start + SESSION_LIFETIME - Duration::from_millis(1));
         assert_eq!(
-            table.from_device(Message::Data { receiver: 0x100 }, addr(1000), None, start),
+            table.route_from_device(Message::Data { receiver: 0x100 }, addr(1000), None, start),
             Route::ToAgent {
                 agent: key(GPU),
                 device: Some(key(LAPTOP))
@@ -661,7 +661,7 @@ mod tests {
         table.expire(start + SESSION_LIFETIME);
         assert!(table.is_empty());
         assert_eq!(
-            table.from_device(Message::Data { receiver: 0x100 }, addr(1000), None, start),
+            table.route_from_device(Message::Data { receiver: 0x100 }, addr(1000), None, start),
             Route::Drop(DropReason::UnknownIndex)
         );
         // The device's address outlives its sessions: the agent can still start a new handshake.
@@ -673,9 +673,9 @@ mod tests {
         let now = Instant::now();
         let mut table = Table::new();
         // The real laptop's initiation, then a flood for the same agent from elsewhere.
-        table.from_device(Message::Initiation { sender: 0xD1 }, addr(1000), Some(key(GPU)), now);
+        table.route_from_device(Message::Initiation { sender: 0xD1 }, addr(1000), Some(key(GPU)), now);
         for sender in 1000..1000 + MAX_PENDING_PER_AGENT as u32 - 1 {
-            let route = table.from_device(Message::Initiation { sender }, addr(666), Some(key(GPU)), now);
+            let route = table.route_from_device(Message::Initiation { sender }, addr(666), Some(key(GPU)), now);
             assert!(matches!(route, Route::ToAgent { .. }));
         }
         assert_eq!(table.len(), MAX_PENDING_PER_AGENT);
@@ -685,25 +685,25 @@ mod tests {
             receiver: 0xD1,
         };
         assert_eq!(
-            table.from_agent(key(GPU), key(LAPTOP), response, now),
+            table.route_from_agent(key(GPU), key(LAPTOP), response, now),
             Route::ToDevice(addr(1000))
         );
         // More flood: the oldest pending ones go, the established session and other agents stay.
-        table.from_device(Message::Initiation { sender: 0xE1 }, addr(1000), Some(key(2)), now);
+        table.route_from_device(Message::Initiation { sender: 0xE1 }, addr(1000), Some(key(2)), now);
         for sender in 100_000..100_000 + 2 * MAX_PENDING_PER_AGENT as u32 {
-            let route = table.from_device(Message::Initiation { sender }, addr(666), Some(key(GPU)), now);
+            let route = table.route_from_device(Message::Initiation { sender }, addr(666), Some(key(GPU)), now);
             assert!(matches!(route, Route::ToAgent { .. }), "never refused");
         }
         assert_eq!(table.len(), MAX_PENDING_PER_AGENT + 2);
         assert_eq!(
-            table.from_device(Message::Data { receiver: 0x100 }, addr(1000), None, now),
+            table.route_from_device(Message::Data { receiver: 0x100 }, addr(1000), None, now),
             Route::ToAgent {
                 agent: key(GPU),
                 device: Some(key(LAPTOP))
             }
         );
         assert_eq!(
-            table.from_agent(
+            table.route_from_agent(
                 key(2),
                 key(LAPTOP),
                 Message::Response {
@@ -728,7 +728,7 @@ mod tests {
         assert!(table.is_empty());
         assert_eq!(table.device_addr(&key(LAPTOP)), None);
         assert_eq!(
-            table.from_device(Message::Data { receiver: 0x100 }, addr(1000), None, now),
+            table.route_from_device(Message::Data { receiver: 0x100 }, addr(1000), None, now),
             Route::Drop(DropReason::UnknownIndex)
         );
         device_session(&mut table, now);
@@ -743,16 +743,16 @@ mod tests {
         let mut table = Table::new();
         device_session(&mut table, now);
         // The laptop's captured initiation, replayed from an attacker's address.
-        let replay = table.from_device(Message::Initiation { sender: 0xD1 }, addr(666), Some(key(GPU)), now);
+        let replay = table.route_from_device(Message::Initiation { sender: 0xD1 }, addr(666), Some(key(GPU)), now);
         assert_eq!(replay, Route::Drop(DropReason::IndexInUse));
         assert_eq!(
-            table.from_agent(key(GPU), key(LAPTOP), Message::Data { receiver: 0xD1 }, now),
+            table.route_from_agent(key(GPU), key(LAPTOP), Message::Data { receiver: 0xD1 }, now),
             Route::ToDevice(addr(1000)),
             "replies still go to the laptop"
         );
         // Nor a pending handshake of another address.
-        table.from_device(Message::Initiation { sender: 0xAA }, addr(1000), Some(key(GPU)), now);
-        let steal = table.from_device(Message::Initiation { sender: 0xAA }, addr(666), Some(key(GPU)), now);
+        table.route_from_device(Message::Initiation { sender: 0xAA }, addr(1000), Some(key(GPU)), now);
+        let steal = table.route_from_device(Message::Initiation { sender: 0xAA }, addr(666), Some(key(GPU)), now);
         assert_eq!(steal, Route::Drop(DropReason::IndexInUse));
     }
 
@@ -760,11 +760,11 @@ mod tests {
     fn a_reused_device_index_replaces_the_old_handshake() {
         let now = Instant::now();
         let mut table = Table::new();
-        table.from_device(Message::Initiation { sender: 7 }, addr(1), Some(key(GPU)), now);
-        table.from_device(Message::Initiation { sender: 7 }, addr(1), Some(key(GPU)), now);
+        table.route_from_device(Message::Initiation { sender: 7 }, addr(1), Some(key(GPU)), now);
+        table.route_from_device(Message::Initiation { sender: 7 }, addr(1), Some(key(GPU)), now);
         assert_eq!(table.len(), 1);
         assert_eq!(
-            table.from_agent(key(GPU), key(LAPTOP), Message::Response { sender: 1, receiver: 7 }, now),
+            table.route_from_agent(key(GPU), key(LAPTOP), Message::Response { sender: 1, receiver: 7 }, now),
             Route::ToDevice(addr(1))
         );
     }
