@@ -550,7 +550,10 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs, file: &FileConfig) -> anyhow
             endpoint,
         })
     };
-    if gateway.is_some() && !relay {
+    // The gateway reaches nodes over the relay: without the relay it is off, unless asked for explicitly.
+    let gateway_asked = args.gateway_port.is_some() || args.gateway_endpoint.is_some();
+    let gateway = if relay { gateway } else { None };
+    if gateway_asked && !relay {
         bail!(
             "the WireGuard gateway forwards to nodes over the relay: with --no-relay also pass --no-gateway \
              (or serve the relay)"

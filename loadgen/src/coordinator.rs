@@ -154,6 +154,10 @@ impl Coordinator {
             // STUN listens on fixed UDP ports by default: not needed here, and runs must not collide.
             command.arg("--no-stun");
         }
+        if self.knows_flag("--no-gateway") {
+            // The device gateway listens on a fixed UDP port by default: not needed here either.
+            command.arg("--no-gateway");
+        }
         let child = command.spawn().with_context(|| {
             format!(
                 "starting {} (build it: cargo build --release -p meshd-coordinator)",

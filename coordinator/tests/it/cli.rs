@@ -206,7 +206,14 @@ fn serve_log(extra: &[&str]) -> String {
             "--listen",
             "127.0.0.1:0",
         ])
-        .args(["--no-tls", "--no-stun", "--public-url", "http://127.0.0.1:9"])
+        .args([
+            "--no-tls",
+            "--no-stun",
+            "--gateway-port",
+            "0",
+            "--public-url",
+            "http://127.0.0.1:9",
+        ])
         .args(extra)
         .env_remove("MESHD_DATABASE_URL")
         .env_remove("MESHD_DATA_DIR")

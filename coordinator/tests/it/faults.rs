@@ -580,7 +580,7 @@ async fn clock_jump() {
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
-        .args(["--no-tls", "--no-stun", "--public-url", &base])
+        .args(["--no-tls", "--no-stun", "--no-gateway", "--public-url", &base])
         .env_remove("MESHD_DATABASE_URL")
         .env("LD_PRELOAD", LIBFAKETIME)
         .env("FAKETIME_TIMESTAMP_FILE", &clock)

@@ -112,6 +112,10 @@ impl Coordinator {
             // Tests run in parallel: STUN on free ports (published in /api/v1/info), never the fixed defaults.
             command.args(["--stun-port", "0", "--stun-alt-port", "0"]);
         }
+        if !self.extra.iter().any(|a| a.contains("gateway") || a.contains("relay")) {
+            // Likewise the device gateway's UDP port (51820 by default).
+            command.args(["--gateway-port", "0"]);
+        }
         command.args(&self.extra);
         self.child = Some(command.spawn().expect("spawn meshd-coordinator"));
         self.starts += 1;
