@@ -235,7 +235,7 @@ async fn print_config(
         eprintln!(
             "warning: the coordinator's WireGuard gateway is off (no gateway endpoint published), so each peer's \
              Endpoint is its last reported address: peers behind NAT will not be reachable from this device. Turn the \
-             gateway on (`meshd-coordinator serve` without --no-gateway; UDP port 51820 or --gateway-port, reachable \
+             gateway on (`meshd-coordinator serve` without --no-gateway; default 51820/udp or --gateway-port, reachable \
              from the devices) and export the config again."
         );
     }

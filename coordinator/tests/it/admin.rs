@@ -388,6 +388,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/v1/nodes/{id}"),
     ("get", "/api/v1/nodes/{id}/wireguard-config"),
     ("get", "/api/v1/audit"),
+    ("get", "/api/v1/gateway"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),

@@ -79,6 +79,8 @@ impl Device {
             .or_else(|| created["node"]["id"].as_i64())
             .expect("device id");
         let port = coordinator_info(c).await.gateway_port.expect("the gateway is on");
+        // The gateway learns the new device from the broker, like every node does: give it that moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let device = Self {
             tunn: tunn(secret.to_bytes(), agent, 0xD000_0001),
             socket: UdpSocket::bind("127.0.0.1:0").await.expect("udp"),

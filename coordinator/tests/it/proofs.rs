@@ -155,7 +155,8 @@ async fn join_key_is_stable_across_restart(backend: Backend) {
     assert_eq!(stun_ports.len(), 2, "two STUN ports");
     assert_eq!(
         info,
-        json!({"protocol_version": 1, "join_key": before.to_string(), "stun_ports": stun_ports, "relay": true})
+        json!({"protocol_version": 1, "join_key": before.to_string(), "stun_ports": stun_ports, "relay": true,
+            "gateway_port": info["gateway_port"]})
     );
     let token = c.token(json!({"reusable": true})).await;
     let node = key(3);
